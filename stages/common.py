@@ -1,0 +1,179 @@
+"""Helpers shared by the stage scripts: validated params, atomic outputs, one-line failures."""
+
+import contextlib
+import difflib
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+PREPARED = Path("data/prepared")
+MODEL_FILE = Path("data/model.keras")
+
+# Plain tuples rather than asking Keras, so that checking params never imports TensorFlow.
+ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh", "elu", "selu", "gelu", "silu", "swish",
+               "softplus", "softsign", "leaky_relu", "relu6", "mish", "hard_sigmoid", "exponential")
+OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "nadam", "adamax", "adagrad", "adadelta", "lion")
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+class PipelineError(Exception):
+    """A failure the user can fix; reported as one line, without a traceback."""
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v):
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _positive_int(v):
+    return _int(v) and v > 0
+
+
+def _optional_positive_int(v):
+    return v is None or _positive_int(v)
+
+
+# key -> (check, what is allowed); one place for every stage, so errors read the same everywhere.
+SCHEMA = {
+    "seed": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    "preprocess": {
+        "normalize": (lambda v: isinstance(v, bool), "true or false"),
+        "validation_split": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+        "train_size": (_optional_positive_int, "a positive integer or null"),
+        "test_size": (_optional_positive_int, "a positive integer or null"),
+    },
+    "model": {
+        "hidden_units": (_positive_int, "a positive integer"),
+        "hidden_layers": (_positive_int, "a positive integer"),
+        "activation": (lambda v: v in ACTIVATIONS, "one of " + ", ".join(ACTIVATIONS)),
+        "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    },
+    "train": {
+        "optimizer": (lambda v: v in OPTIMIZERS, "one of " + ", ".join(OPTIMIZERS)),
+        "learning_rate": (lambda v: v is None or (_number(v) and v > 0), "a positive number or null"),
+        "batch_size": (_positive_int, "a positive integer"),
+        "epochs": (_positive_int, "a positive integer"),
+        "steps_per_execution": (_positive_int, "a positive integer"),
+        "jit_compile": (lambda v: isinstance(v, bool), "true or false"),
+        "precision": (lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+    },
+    "plot": {
+        "samples": (_positive_int, "a positive integer"),
+        "digit_index": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
+        "misclassified": (_positive_int, "a positive integer"),
+    },
+}
+
+
+def _did_you_mean(key, choices):
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check(name, value, rule):
+    ok, allowed = rule
+    if not ok(value):
+        raise PipelineError(f"{PARAMS_FILE}: {name} must be {allowed}, got {value!r}")
+
+
+def load_params(*sections, path=PARAMS_FILE):
+    """Read params.yaml and validate the named top-level keys; fail on the first bad one."""
+    try:
+        params = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run from the repository root") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PipelineError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(params, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    for key in params:
+        if key not in SCHEMA:
+            raise PipelineError(f"{path}: unknown key {key}{_did_you_mean(key, SCHEMA)}")
+    for section in sections:
+        if section not in params:
+            raise PipelineError(f"{path}: missing section {section}; restore it with git checkout {path}")
+        rules, value = SCHEMA[section], params[section]
+        if isinstance(rules, tuple):
+            _check(section, value, rules)
+            continue
+        if not isinstance(value, dict):
+            raise PipelineError(f"{path}: {section} must be a mapping of keys, got {value!r}")
+        for key in value:
+            if key not in rules:
+                hint = _did_you_mean(key, rules)
+                hint = hint.replace("mean ", f"mean {section}.") if hint else ""
+                raise PipelineError(f"{path}: unknown key {section}.{key}{hint}")
+        for key, rule in rules.items():
+            if key not in value:
+                raise PipelineError(f"{path}: missing key {section}.{key} ({rule[1]})")
+            _check(f"{section}.{key}", value[key], rule)
+    return params
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling of `path` (file or directory) and move it onto `path` only on success.
+
+    A stage killed at any point leaves the previous output or none, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-*-{path.name}"):  # left by a killed run
+        _remove(stale)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix: Keras and numpy check it
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def save_split(path, x, y, divisor):
+    with atomic_path(path) as tmp:
+        np.savez(tmp, x=x, y=y, divisor=np.float32(divisor))
+
+
+def load_split(name):
+    """Return (images uint8 [N, 28, 28], labels uint8 [N], pixel divisor) of a prepared split."""
+    path = PREPARED / f"{name}.npz"
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run `dvc repro preprocess` first")
+    with np.load(path, allow_pickle=False) as f:
+        return f["x"], f["y"], float(f["divisor"])
+
+
+def run(main):
+    """Run a stage's main(): user errors and interrupts end in one line and a non-zero exit."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    try:
+        main()
+    except PipelineError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: {Path(sys.argv[0]).stem} stopped; its outputs are unchanged, `dvc repro` redoes it")

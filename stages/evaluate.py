@@ -1,0 +1,67 @@
+"""Stage evaluate: score the best checkpoint on the test set, per class and overall."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import MODEL_FILE, PipelineError, atomic_path, load_split, run, write_json
+
+METRICS = Path("metrics/evaluate.json")
+PER_CLASS = Path("metrics/per_class.csv")
+PREDICTIONS = Path("metrics/predictions.csv")  # one row per test image: DVC's confusion plot
+MISCLASSIFIED = Path("metrics/misclassified.csv")
+CONFUSION = Path("metrics/confusion_matrix.csv")
+
+
+def predict(x, divisor):
+    import keras
+
+    if not MODEL_FILE.exists():
+        raise PipelineError(f"{MODEL_FILE} is missing: run `dvc repro train` first")
+    model = keras.saving.load_model(MODEL_FILE, safe_mode=True)
+    x = x.reshape(len(x), -1).astype("float32") / np.float32(divisor)
+    return model.predict(x, batch_size=1000, verbose=0)
+
+
+def per_class(confusion):
+    """Precision, recall and F1 of each digit from a confusion matrix (rows: true, columns: predicted)."""
+    tp = np.diag(confusion).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / confusion.sum(axis=0))
+        recall = np.nan_to_num(tp / confusion.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return pd.DataFrame({"digit": range(len(tp)), "precision": precision, "recall": recall, "f1": f1,
+                         "support": confusion.sum(axis=1)})
+
+
+def write_csv(path, frame, **kwargs):
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6f", **kwargs)
+
+
+def main():
+    x, y, divisor = load_split("test")
+    probs = predict(x, divisor)
+    predicted = probs.argmax(axis=1)
+    # Keras's own loss formula, clipping included, so test_loss compares with val_loss.
+    eps = 1e-7
+    loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], eps, 1 - eps)).mean())
+    classes = probs.shape[1]
+    confusion = np.zeros((classes, classes), int)
+    np.add.at(confusion, (y, predicted), 1)
+    scores = per_class(confusion)
+    write_json(METRICS, {"test_accuracy": float((predicted == y).mean()), "test_loss": loss,
+                         "test_macro_f1": float(scores.f1.mean())})
+    write_csv(PER_CLASS, scores)
+    write_csv(CONFUSION, pd.DataFrame(confusion, columns=[str(c) for c in range(classes)]))
+    rows = pd.DataFrame({"index": np.arange(len(y)), "actual": y, "predicted": predicted,
+                         "confidence": probs.max(axis=1)})
+    write_csv(PREDICTIONS, rows[["actual", "predicted"]])
+    write_csv(MISCLASSIFIED, rows[rows.actual != rows.predicted])
+    print(f"evaluate: test accuracy {(predicted == y).mean():.4f}, loss {loss:.4f}, "
+          f"{(predicted != y).sum()} of {len(y)} misclassified")
+
+
+if __name__ == "__main__":
+    run(main)

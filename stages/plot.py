@@ -1,0 +1,102 @@
+"""Stage plot: figures of the run that a person would rather look at than read."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from common import PipelineError, atomic_path, load_params, load_split, run  # noqa: E402
+
+OUT = Path("metrics/figures")
+HISTORY = Path("metrics/train/plots/metrics")  # DVCLive: {train,eval}/{loss,accuracy}.tsv
+
+
+def read_history(split, metric):
+    path = HISTORY / split / f"{metric}.tsv"
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run `dvc repro train` first")
+    return pd.read_csv(path, sep="\t")
+
+
+def learning_curves(path):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for split, label in (("train", "train"), ("eval", "validation")):
+            h = read_history(split, metric)
+            ax.plot(h.step + 1, h[metric], marker="o", label=label)
+        ax.set(title=metric, xlabel="epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save(fig, path)
+
+
+def confusion_heatmap(path):
+    matrix = pd.read_csv("metrics/confusion_matrix.csv").to_numpy()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(matrix, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)))
+    for (i, j), n in np.ndenumerate(matrix):
+        if n:
+            ax.text(j, i, n, ha="center", va="center", fontsize=8, color="white" if n > matrix.max() / 3 else "black")
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(len(matrix)), yticks=range(len(matrix)),
+           title=f"test confusion matrix ({np.trace(matrix)} of {matrix.sum()} right)")
+    fig.colorbar(im, ax=ax)
+    save(fig, path)
+
+
+def digit_grid(path, images, titles, suptitle):
+    cols = max(1, int(np.ceil(np.sqrt(len(images)))))
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(suptitle)
+    save(fig, path)
+
+
+def digit_values(path, image, label):
+    """One digit drawn large with each pixel's value written on it."""
+    fig, ax = plt.subplots(figsize=(12, 12))
+    ax.imshow(image, cmap="gray")
+    threshold = image.max() / 2.5  # dark pixels get white text, light ones black
+    for (i, j), v in np.ndenumerate(image):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v < threshold else "black")
+    ax.set_title(f"training digit, label {label}: raw pixel values")
+    ax.axis("off")
+    save(fig, path)
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    p = load_params("plot")["plot"]
+    x, y, _ = load_split("train")
+    x_test, _, _ = load_split("test")
+    if p["digit_index"] >= len(x):
+        raise PipelineError(f"params.yaml: plot.digit_index must be below {len(x)}, got {p['digit_index']}")
+    wrong = pd.read_csv("metrics/misclassified.csv").head(p["misclassified"])
+    with atomic_path(OUT) as out:
+        out.mkdir()
+        learning_curves(out / "learning_curves.png")
+        confusion_heatmap(out / "confusion_matrix.png")
+        n = min(p["samples"], len(x))
+        digit_grid(out / "samples.png", x[:n], [f"label {v}" for v in y[:n]], "training digits")
+        digit_values(out / "digit.png", x[p["digit_index"]], y[p["digit_index"]])
+        digit_grid(out / "misclassified.png", x_test[wrong["index"]],
+                   [f"true {a}, pred {b}" for a, b in zip(wrong.actual, wrong.predicted, strict=True)],
+                   f"misclassified test digits (first {len(wrong)})")
+    print(f"plot: 5 figures in {OUT}")
+
+
+if __name__ == "__main__":
+    run(main)
