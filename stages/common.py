@@ -17,8 +17,24 @@ PREPARED = Path("data/prepared")
 MODEL_FILE = Path("data/model.keras")
 
 # Plain tuples rather than asking Keras, so that checking params never imports TensorFlow.
-ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh", "elu", "selu", "gelu", "silu", "swish",
-               "softplus", "softsign", "leaky_relu", "relu6", "mish", "hard_sigmoid", "exponential")
+ACTIVATIONS = (
+    "relu",
+    "linear",
+    "sigmoid",
+    "tanh",
+    "elu",
+    "selu",
+    "gelu",
+    "silu",
+    "swish",
+    "softplus",
+    "softsign",
+    "leaky_relu",
+    "relu6",
+    "mish",
+    "hard_sigmoid",
+    "exponential",
+)
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "nadam", "adamax", "adagrad", "adadelta", "lion")
 PRECISIONS = ("float32", "mixed_bfloat16")
 
@@ -176,4 +192,5 @@ def run(main):
     except PipelineError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"interrupted: {Path(sys.argv[0]).stem} stopped; its outputs are unchanged, `dvc repro` redoes it")
+        stage = Path(sys.argv[0]).stem
+        sys.exit(f"interrupted: {stage} stopped; its outputs are unchanged, `dvc repro` redoes it")

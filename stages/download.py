@@ -102,7 +102,8 @@ def download(name, dest, bases, timeout, retries):
                 return
             except urllib.error.HTTPError as e:
                 reason, transient = f"HTTP {e.code}", e.code >= 500
-            except (urllib.error.URLError, http.client.HTTPException, OSError, EOFError) as e:  # timeouts, resets, bad gzip
+            except (urllib.error.URLError, http.client.HTTPException, OSError, EOFError) as e:
+                # timeouts, resets, truncation: worth another try
                 reason, transient = getattr(e, "reason", None) or str(e) or type(e).__name__, True
             except ValueError as e:
                 reason, transient = str(e), False

@@ -31,8 +31,15 @@ def per_class(confusion):
         precision = np.nan_to_num(tp / confusion.sum(axis=0))
         recall = np.nan_to_num(tp / confusion.sum(axis=1))
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-    return pd.DataFrame({"digit": range(len(tp)), "precision": precision, "recall": recall, "f1": f1,
-                         "support": confusion.sum(axis=1)})
+    return pd.DataFrame(
+        {
+            "digit": range(len(tp)),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": confusion.sum(axis=1),
+        }
+    )
 
 
 def write_csv(path, frame, **kwargs):
@@ -51,16 +58,25 @@ def main():
     confusion = np.zeros((classes, classes), int)
     np.add.at(confusion, (y, predicted), 1)
     scores = per_class(confusion)
-    write_json(METRICS, {"test_accuracy": float((predicted == y).mean()), "test_loss": loss,
-                         "test_macro_f1": float(scores.f1.mean())})
+    write_json(
+        METRICS,
+        {
+            "test_accuracy": float((predicted == y).mean()),
+            "test_loss": loss,
+            "test_macro_f1": float(scores.f1.mean()),
+        },
+    )
     write_csv(PER_CLASS, scores)
     write_csv(CONFUSION, pd.DataFrame(confusion, columns=[str(c) for c in range(classes)]))
-    rows = pd.DataFrame({"index": np.arange(len(y)), "actual": y, "predicted": predicted,
-                         "confidence": probs.max(axis=1)})
+    rows = pd.DataFrame(
+        {"index": np.arange(len(y)), "actual": y, "predicted": predicted, "confidence": probs.max(axis=1)}
+    )
     write_csv(PREDICTIONS, rows[["actual", "predicted"]])
     write_csv(MISCLASSIFIED, rows[rows.actual != rows.predicted])
-    print(f"evaluate: test accuracy {(predicted == y).mean():.4f}, loss {loss:.4f}, "
-          f"{(predicted != y).sum()} of {len(y)} misclassified")
+    print(
+        f"evaluate: test accuracy {(predicted == y).mean():.4f}, loss {loss:.4f}, "
+        f"{(predicted != y).sum()} of {len(y)} misclassified"
+    )
 
 
 if __name__ == "__main__":

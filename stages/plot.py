@@ -5,11 +5,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on CI machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from common import PipelineError, atomic_path, load_params, load_split, run  # noqa: E402
+from common import PipelineError, atomic_path, load_params, load_split, run
 
 OUT = Path("metrics/figures")
 HISTORY = Path("metrics/train/plots/metrics")  # DVCLive: {train,eval}/{loss,accuracy}.tsv
@@ -40,9 +40,22 @@ def confusion_heatmap(path):
     im = ax.imshow(matrix, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)))
     for (i, j), n in np.ndenumerate(matrix):
         if n:
-            ax.text(j, i, n, ha="center", va="center", fontsize=8, color="white" if n > matrix.max() / 3 else "black")
-    ax.set(xlabel="predicted", ylabel="true", xticks=range(len(matrix)), yticks=range(len(matrix)),
-           title=f"test confusion matrix ({np.trace(matrix)} of {matrix.sum()} right)")
+            ax.text(
+                j,
+                i,
+                n,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if n > matrix.max() / 3 else "black",
+            )
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        xticks=range(len(matrix)),
+        yticks=range(len(matrix)),
+        title=f"test confusion matrix ({np.trace(matrix)} of {matrix.sum()} right)",
+    )
     fig.colorbar(im, ax=ax)
     save(fig, path)
 
@@ -53,7 +66,7 @@ def digit_grid(path, images, titles, suptitle):
     fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles):
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):  # spare axes stay blank
         ax.imshow(image, cmap="gray")
         ax.set_title(title, fontsize=8)
     fig.suptitle(suptitle)
@@ -66,7 +79,9 @@ def digit_values(path, image, label):
     ax.imshow(image, cmap="gray")
     threshold = image.max() / 2.5  # dark pixels get white text, light ones black
     for (i, j), v in np.ndenumerate(image):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v < threshold else "black")
+        ax.text(
+            j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v < threshold else "black"
+        )
     ax.set_title(f"training digit, label {label}: raw pixel values")
     ax.axis("off")
     save(fig, path)
@@ -92,9 +107,12 @@ def main():
         n = min(p["samples"], len(x))
         digit_grid(out / "samples.png", x[:n], [f"label {v}" for v in y[:n]], "training digits")
         digit_values(out / "digit.png", x[p["digit_index"]], y[p["digit_index"]])
-        digit_grid(out / "misclassified.png", x_test[wrong["index"]],
-                   [f"true {a}, pred {b}" for a, b in zip(wrong.actual, wrong.predicted, strict=True)],
-                   f"misclassified test digits (first {len(wrong)})")
+        digit_grid(
+            out / "misclassified.png",
+            x_test[wrong["index"]],
+            [f"true {a}, pred {b}" for a, b in zip(wrong.actual, wrong.predicted, strict=True)],
+            f"misclassified test digits (first {len(wrong)})",
+        )
     print(f"plot: 5 figures in {OUT}")
 
 
