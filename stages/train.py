@@ -64,6 +64,7 @@ def train(params, model_path, live_dir):
             dataset(x, y, divisor, t["batch_size"], shuffle_seed=seed),
             validation_data=dataset(x_val, y_val, divisor, t["batch_size"]),
             epochs=t["epochs"],
+            shuffle=False,  # the dataset reshuffles itself each epoch, seeded
             callbacks=[checkpoint, DVCLiveCallback(live=live)],
             verbose=0,
         )
