@@ -22,6 +22,13 @@ def read_history(split, metric):
     return pd.read_csv(path, sep="\t")
 
 
+def read_evaluation(name):
+    path = Path("metrics") / name
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run `dvc repro evaluate` first")
+    return pd.read_csv(path)
+
+
 def learning_curves(path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
@@ -35,7 +42,7 @@ def learning_curves(path):
 
 
 def confusion_heatmap(path):
-    matrix = pd.read_csv("metrics/confusion_matrix.csv").to_numpy()
+    matrix = read_evaluation("confusion_matrix.csv").to_numpy()
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(matrix, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)))
     for (i, j), n in np.ndenumerate(matrix):
@@ -99,7 +106,7 @@ def main():
     x_test, _, _ = load_split("test")
     if p["digit_index"] >= len(x):
         raise PipelineError(f"params.yaml: plot.digit_index must be below {len(x)}, got {p['digit_index']}")
-    wrong = pd.read_csv("metrics/misclassified.csv").head(p["misclassified"])
+    wrong = read_evaluation("misclassified.csv").head(p["misclassified"])
     with atomic_path(OUT) as out:
         out.mkdir()
         learning_curves(out / "learning_curves.png")

@@ -1,6 +1,7 @@
 """Stage preprocess: parse the IDX files, split off validation with the seed, save compact arrays."""
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ def read_idx(path, magic):
     try:
         with gzip.open(path) as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt deflate stream
         raise PipelineError(f"{path}: unreadable ({e}); re-download with `dvc repro -f download`") from None
     ndim = magic & 0xFF
     header = 4 + 4 * ndim

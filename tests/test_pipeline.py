@@ -1,0 +1,120 @@
+"""End to end under DVC, in a throw-away copy of the project with its own git and DVC state."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from conftest import SMALL, run, set_params
+
+STAGES = ("download", "preprocess", "train", "evaluate", "plot")
+FIGURES = {"learning_curves.png", "confusion_matrix.png", "samples.png", "digit.png", "misclassified.png"}
+
+
+def ran(output):
+    """The stages `dvc repro` / `dvc exp run` actually ran, in order."""
+    return [s for line in output.splitlines() for s in STAGES if line.startswith(f"Running stage '{s}'")]
+
+
+def not_run(output):
+    """The stages DVC skipped as unchanged or restored from its run-cache."""
+    return {
+        s
+        for line in output.splitlines()
+        for s in STAGES
+        if f"'{s}'" in line and ("didn't change, skipping" in line or line.startswith("Restored stage"))
+    }
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def experiments(show):
+    """(name, params.yaml data, metrics by file) of every experiment in `dvc exp show --json`."""
+    found = []
+    for commit in show:
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                metrics = {path: m["data"] for path, m in data["metrics"].items()}
+                found.append((rev["name"], data["params"]["params.yaml"]["data"], metrics))
+    return found
+
+
+def test_repro_then_experiment(project, mirror):
+    env = {"MNIST_MIRROR": mirror, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    # 1. the whole pipeline, in order
+    first = run(["dvc", "repro"], project, env=env)
+    assert ran(first.stdout) == list(STAGES), first.stdout
+    evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert 0.5 < evaluate["test_accuracy"] <= 1 and evaluate["test_loss"] > 0
+    train = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
+    assert {"params", "best_epoch", "train_seconds"} <= set(train)
+    assert {p.name for p in (project / "metrics" / "figures").iterdir()} == FIGURES
+    assert len(list((project / "data" / "raw").glob("*.gz"))) == 4
+    assert (project / "data" / "model.keras").exists()
+    lock = (project / "dvc.lock").read_text()
+    assert all(f"  {s}:" in lock for s in STAGES)
+
+    # 2. a second repro does nothing, and the pipeline is clean
+    second = run(["dvc", "repro"], project, env=env)
+    assert ran(second.stdout) == [], second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+    status = run(["dvc", "status", "--json"], project, env=env)
+    assert json.loads(status.stdout) == {}, status.stdout
+
+    # the mirror is no param: pointing it elsewhere (here a file:// URL) changes nothing
+    url = Path(mirror).as_uri() if "://" not in mirror else mirror
+    third = run(["dvc", "repro"], project, env={**env, "MNIST_MIRROR": url})
+    assert ran(third.stdout) == [], third.stdout
+
+    # metrics and plots as DVC sees them
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    assert "test_accuracy" in json.dumps(metrics)
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    for name in ("Loss", "Accuracy"):
+        values = plots[name][0]["content"]["data"]["values"]
+        assert len(values) == 2 * SMALL["train.epochs"], name  # train and validation, per epoch
+    confusion = plots["Confusion matrix (test)"][0]["content"]["data"]["values"]
+    assert len(confusion) == SMALL["preprocess.test_size"]
+    assert {f"metrics/figures/{f}" for f in FIGURES} <= set(plots)
+
+    # a plot param re-runs plot alone
+    set_params(project, {"plot.samples": 16})
+    replot = run(["dvc", "repro"], project, env=env)
+    assert ran(replot.stdout) == ["plot"], replot.stdout
+
+    # 3. commit the baseline as a user would, then one experiment
+    run(["git", "add", "dvc.lock", "params.yaml", "metrics", ".dvc"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    prepared = {p.name: digest(p) for p in (project / "data" / "prepared").glob("*.npz")}
+    exp = run(["dvc", "exp", "run", "-S", "model.hidden_units=32"], project, env=env)
+    assert ran(exp.stdout) == ["train", "evaluate", "plot"], exp.stdout
+    assert not_run(exp.stdout) == {"download", "preprocess"}, exp.stdout
+    assert {p.name: digest(p) for p in (project / "data" / "prepared").glob("*.npz")} == prepared
+    train32 = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
+    assert train32["params"] == (784 * 32 + 32) + (32 * 32 + 32) + (32 * 10 + 10)
+
+    # 4. dvc exp show lists it with its changed param and its metrics
+    show = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    found = experiments(show)
+    assert len(found) == 1, found
+    name, params, metrics = found[0]
+    assert name and name in exp.stdout
+    assert params["model"]["hidden_units"] == 32
+    assert params["train"]["epochs"] == SMALL["train.epochs"]  # the rest as committed
+    result = metrics["metrics/evaluate.json"]
+    assert 0 < result["test_accuracy"] <= 1
+    assert (
+        result["test_accuracy"]
+        == json.loads((project / "metrics" / "evaluate.json").read_text())["test_accuracy"]
+    )
+    assert metrics["metrics/train/metrics.json"]["params"] == train32["params"]
+    baseline = next(c for c in show if c.get("name") == "main")
+    assert (
+        baseline["data"]["params"]["params.yaml"]["data"]["model"]["hidden_units"]
+        == SMALL["model.hidden_units"]
+    )
+    base_metrics = baseline["data"]["metrics"]["metrics/evaluate.json"]["data"]
+    assert base_metrics["test_accuracy"] == evaluate["test_accuracy"]

@@ -1,0 +1,284 @@
+"""Each stage's outputs on the small config: train, evaluate and plot run once per module."""
+
+import json
+import shutil
+import struct
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import PROJECT_FILES, ROOT, SMALL, run, run_stage, set_params
+
+EPOCHS = SMALL["train.epochs"]
+UNITS = SMALL["model.hidden_units"]
+SMALL_PARAMS = (784 * UNITS + UNITS) + (UNITS * UNITS + UNITS) + (UNITS * 10 + 10)  # 2 hidden layers
+N_TEST = SMALL["preprocess.test_size"]
+FIGURES = ("learning_curves.png", "confusion_matrix.png", "samples.png", "digit.png", "misclassified.png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, raw_data):
+    """A project copy (small config) after preprocess, train, evaluate and plot, with each stage's stdout.
+
+    Module-scoped, unlike `prepared`, so that the model is trained once for all the checks below.
+    """
+    work = tmp_path_factory.mktemp("stages")
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, work / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    set_params(work, SMALL)
+    shutil.copytree(raw_data, work / "data" / "raw")
+    out = {name: run_stage(name, work).stdout for name in ("preprocess", "train", "evaluate", "plot")}
+    return work, out
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+# --- train ----------------------------------------------------------------------------------------
+
+
+def test_train_writes_the_model(done):
+    work, out = done
+    assert (work / "data" / "model.keras").stat().st_size > 10_000
+    assert f"{SMALL_PARAMS:,} parameters" in out["train"]
+    assert not list((work / "data").glob(".tmp-*")), "temporary outputs left behind"
+    assert not list((work / "metrics").glob(".tmp-*")), "temporary outputs left behind"
+
+
+def test_train_metrics_json(done):
+    work, _ = done
+    m = read_json(work / "metrics" / "train" / "metrics.json")
+    assert m["params"] == SMALL_PARAMS
+    assert 1 <= m["best_epoch"] <= EPOCHS
+    assert m["train_seconds"] > 0
+    assert 0 < m["best_val_loss"] < 2.3  # better than chance, ln(10)
+    history = pd.read_csv(work / "metrics/train/plots/metrics/eval/loss.tsv", sep="\t")
+    assert m["best_val_loss"] == pytest.approx(history.loss.min())
+    assert m["best_epoch"] == history.loss.idxmin() + 1
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_train_history_has_one_row_per_epoch(done, split, metric):
+    work, _ = done
+    h = pd.read_csv(work / f"metrics/train/plots/metrics/{split}/{metric}.tsv", sep="\t")
+    assert list(h.columns[:2]) == ["step", metric]
+    assert list(h.step) == list(range(EPOCHS))
+    assert h[metric].notna().all()
+    if metric == "accuracy":
+        assert h[metric].between(0, 1).all()
+        assert h[metric].iloc[-1] > 0.5  # it learned something in 2 epochs of 2,400 images
+    else:
+        assert (h[metric] > 0).all()
+
+
+def test_train_model_summary(done):
+    work, _ = done
+    summary = (work / "metrics" / "model_summary.txt").read_text()
+    assert "Dense" in summary and "Dropout" in summary
+    assert f"Trainable params: {SMALL_PARAMS:,}" in summary
+
+
+def test_checkpoint_is_the_best_epoch_by_val_loss(done):
+    """The saved model scores on the validation set what DVCLive logged for the best epoch."""
+    keras = pytest.importorskip("keras")
+    work, _ = done
+    model = keras.saving.load_model(work / "data" / "model.keras")
+    with np.load(work / "data/prepared/val.npz") as f:
+        x, y, divisor = f["x"], f["y"], float(f["divisor"])
+    probs = np.asarray(model.predict(x.reshape(len(x), -1).astype("float32") / divisor, verbose=0))
+    loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
+    best = read_json(work / "metrics" / "train" / "metrics.json")["best_val_loss"]
+    assert loss == pytest.approx(best, rel=1e-3)
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def test_evaluate_metrics_are_fractions_consistent_with_predictions(done):
+    work, out = done
+    m = read_json(work / "metrics" / "evaluate.json")
+    assert set(m) >= {"test_accuracy", "test_loss", "test_macro_f1"}
+    assert 0.5 < m["test_accuracy"] <= 1  # a fraction, not a percentage, and better than chance
+    assert 0 < m["test_loss"] < 2.3
+    predictions = pd.read_csv(work / "metrics" / "predictions.csv")
+    assert list(predictions.columns) == ["actual", "predicted"]
+    assert len(predictions) == N_TEST
+    assert m["test_accuracy"] == pytest.approx((predictions.actual == predictions.predicted).mean())
+    with np.load(work / "data/prepared/test.npz") as f:
+        np.testing.assert_array_equal(predictions.actual, f["y"])
+    assert f"test accuracy {m['test_accuracy']:.4f}" in out["evaluate"]
+
+
+def test_evaluate_loss_matches_keras(done):
+    keras = pytest.importorskip("keras")
+    work, _ = done
+    model = keras.saving.load_model(work / "data" / "model.keras")
+    with np.load(work / "data/prepared/test.npz") as f:
+        x, y, divisor = f["x"], f["y"], float(f["divisor"])
+    probs = np.asarray(model.predict(x.reshape(len(x), -1).astype("float32") / divisor, verbose=0))
+    expected = float(np.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
+    assert read_json(work / "metrics" / "evaluate.json")["test_loss"] == pytest.approx(expected, rel=1e-4)
+    predictions = pd.read_csv(work / "metrics" / "predictions.csv")
+    np.testing.assert_array_equal(predictions.predicted, probs.argmax(axis=1))
+
+
+def test_evaluate_per_class(done):
+    work, _ = done
+    predictions = pd.read_csv(work / "metrics" / "predictions.csv")
+    per_class = pd.read_csv(work / "metrics" / "per_class.csv")
+    assert list(per_class.columns) == ["digit", "precision", "recall", "f1", "support"]
+    assert len(per_class) == 10
+    assert list(per_class.digit) == list(range(10))
+    assert list(per_class.support) == [int((predictions.actual == d).sum()) for d in range(10)]
+    for d, row in per_class.iterrows():
+        hits = int(((predictions.actual == d) & (predictions.predicted == d)).sum())
+        assert row.recall == pytest.approx(hits / row.support, abs=1e-5)
+        predicted_d = int((predictions.predicted == d).sum())
+        assert row.precision == pytest.approx(hits / predicted_d if predicted_d else 0, abs=1e-5)
+        assert 0 <= row.f1 <= 1
+    macro_f1 = read_json(work / "metrics" / "evaluate.json")["test_macro_f1"]
+    assert macro_f1 == pytest.approx(per_class.f1.mean(), abs=1e-5)
+
+
+def test_evaluate_confusion_matrix(done):
+    work, _ = done
+    predictions = pd.read_csv(work / "metrics" / "predictions.csv")
+    matrix = pd.read_csv(work / "metrics" / "confusion_matrix.csv").to_numpy()
+    assert matrix.shape == (10, 10)
+    expected = np.zeros((10, 10), int)
+    np.add.at(expected, (predictions.actual, predictions.predicted), 1)
+    np.testing.assert_array_equal(matrix, expected)
+
+
+def test_evaluate_misclassified_matches_predictions(done):
+    work, out = done
+    predictions = pd.read_csv(work / "metrics" / "predictions.csv")
+    wrong = pd.read_csv(work / "metrics" / "misclassified.csv")
+    assert list(wrong.columns) == ["index", "actual", "predicted", "confidence"]
+    expected = predictions.index[predictions.actual != predictions.predicted]
+    assert list(wrong["index"]) == list(expected)
+    assert list(wrong.actual) == list(predictions.actual[expected])
+    assert list(wrong.predicted) == list(predictions.predicted[expected])
+    assert (wrong.actual != wrong.predicted).all()
+    assert wrong.confidence.between(0.1, 1).all()  # the top probability of 10 classes
+    assert f"{len(wrong)} of {N_TEST} misclassified" in out["evaluate"]
+
+
+# --- plot -----------------------------------------------------------------------------------------
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_plot_writes_valid_pngs(done, name):
+    work, _ = done
+    path = work / "metrics" / "figures" / name
+    assert path.stat().st_size > 10_000, f"{name} looks empty"
+    width, height = png_size(path)
+    assert width >= 300 and height >= 300
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)
+    assert pixels[..., :3].std() > 0.02, f"{name} is (nearly) uniform"
+
+
+def test_plot_writes_exactly_the_five_figures(done):
+    work, out = done
+    assert sorted(p.name for p in (work / "metrics" / "figures").iterdir()) == sorted(FIGURES)
+    assert "5 figures" in out["plot"]
+
+
+def test_digit_figure_is_large(done):
+    work, _ = done
+    width, height = png_size(work / "metrics" / "figures" / "digit.png")
+    assert width >= 1000 and height >= 1000  # big enough to read 784 pixel values
+
+
+# --- no TensorFlow where it is not needed ---------------------------------------------------------
+
+
+def imported_modules(stderr):
+    """Top-level module names from `python -X importtime` output."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def run_with_importtime(stage, cwd, env=None):
+    proc = run([sys.executable, "-X", "importtime", f"stages/{stage}.py"], cwd, env=env)
+    names = imported_modules(proc.stderr)
+    assert "numpy" in names, "importtime output not parsed"  # the check itself works
+    return names
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "plot"])
+def test_stage_imports_no_tensorflow(done, stage):
+    work, _ = done
+    names = run_with_importtime(stage, work)
+    assert not names & {"tensorflow", "keras", "jax", "torch"}, f"{stage} imports a deep-learning library"
+
+
+def test_download_imports_no_tensorflow(tmp_path, mirror):
+    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    names = run_with_importtime("download", tmp_path, env={"MNIST_MIRROR": mirror})
+    assert len(list((tmp_path / "data" / "raw").glob("*.gz"))) == 4  # it really ran
+    assert "tqdm" in names
+    assert not names & {"tensorflow", "keras", "jax", "torch"}
+
+
+# --- failures are one line ------------------------------------------------------------------------
+
+
+def test_evaluate_without_model_fails_in_one_line(prepared):
+    proc = run_stage("evaluate", prepared, check=False)
+    assert proc.returncode != 0
+    assert "data/model.keras is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_plot_without_training_history_fails_in_one_line(prepared):
+    proc = run_stage("plot", prepared, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "dvc repro" in proc.stderr
+    assert not (prepared / "metrics" / "figures").exists()
+
+
+def test_plot_bad_digit_index_fails_in_one_line(done):
+    work, _ = done
+    set_params(work, {"plot.digit_index": 10**6})
+    try:
+        proc = run_stage("plot", work, check=False)
+    finally:
+        set_params(work, {"plot.digit_index": 0})
+    assert proc.returncode != 0
+    assert "plot.digit_index must be below" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(list((work / "metrics" / "figures").glob("*.png"))) == 5  # previous figures kept
+
+
+def test_plot_with_no_misclassified_digit(done, tmp_path):
+    """A perfect score leaves misclassified.csv with a header only; plot must still draw its figures."""
+    work, _ = done
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("model.keras", "raw"))
+    wrong = pd.read_csv(copy / "metrics" / "misclassified.csv")
+    wrong.head(0).to_csv(copy / "metrics" / "misclassified.csv", index=False)
+    run_stage("plot", copy)
+    assert len(list((copy / "metrics" / "figures").glob("*.png"))) == 5
