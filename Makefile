@@ -25,3 +25,16 @@ test-slow: setup  ## full-size runs: the baseline reproduces ~98% test accuracy
 
 lint: setup
 	ruff check . && ruff format --check .
+
+# The ablation study (ablations.yaml) as named DVC experiments, then its report.
+# SET="k=v ..." adds overrides to every run; JOBS=N uses DVC's queue with N workers instead of
+# running one after another (the default, right for two cores); FORCE=1 re-runs existing ones.
+.PHONY: ablations report
+ablations: setup  ## run the study's experiments and write reports/ablations.md
+	python sweep/ablations.py $(if $(JOBS),--jobs $(JOBS)) $(if $(FORCE),--force) \
+		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET) \
+		|| { python sweep/report.py; exit 1; }
+	python sweep/report.py
+
+report: setup  ## reports/ablations.{md,png} from the experiments DVC has
+	python sweep/report.py
