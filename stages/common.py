@@ -3,6 +3,7 @@
 import contextlib
 import difflib
 import json
+import math
 import os
 import shutil
 import signal
@@ -59,9 +60,15 @@ def _optional_positive_int(v):
     return v is None or _positive_int(v)
 
 
+def _one_of(choices):
+    """A rule accepting one of `choices`; a near miss gets a "did you mean" hint."""
+    return (lambda v: v in choices, "one of " + ", ".join(choices), choices)
+
+
 # key -> (check, what is allowed); one place for every stage, so errors read the same everywhere.
 SCHEMA = {
-    "seed": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    # NumPy's legacy seeding (which Keras calls) accepts only [0, 2**32).
+    "seed": (lambda v: _int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "preprocess": {
         "normalize": (lambda v: isinstance(v, bool), "true or false"),
         "validation_split": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
@@ -71,17 +78,20 @@ SCHEMA = {
     "model": {
         "hidden_units": (_positive_int, "a positive integer"),
         "hidden_layers": (_positive_int, "a positive integer"),
-        "activation": (lambda v: v in ACTIVATIONS, "one of " + ", ".join(ACTIVATIONS)),
+        "activation": _one_of(ACTIVATIONS),
         "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     },
     "train": {
-        "optimizer": (lambda v: v in OPTIMIZERS, "one of " + ", ".join(OPTIMIZERS)),
-        "learning_rate": (lambda v: v is None or (_number(v) and v > 0), "a positive number or null"),
+        "optimizer": _one_of(OPTIMIZERS),
+        "learning_rate": (
+            lambda v: v is None or (_number(v) and 0 < v < math.inf),
+            "a positive finite number or null",
+        ),
         "batch_size": (_positive_int, "a positive integer"),
         "epochs": (_positive_int, "a positive integer"),
         "steps_per_execution": (_positive_int, "a positive integer"),
         "jit_compile": (lambda v: isinstance(v, bool), "true or false"),
-        "precision": (lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+        "precision": _one_of(PRECISIONS),
     },
     "plot": {
         "samples": (_positive_int, "a positive integer"),
@@ -92,14 +102,15 @@ SCHEMA = {
 
 
 def _did_you_mean(key, choices):
-    close = difflib.get_close_matches(key, choices, n=1)
+    close = difflib.get_close_matches(str(key), list(choices), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _check(name, value, rule):
-    ok, allowed = rule
+def _check(path, name, value, rule):
+    ok, allowed, *choices = rule
     if not ok(value):
-        raise PipelineError(f"{PARAMS_FILE}: {name} must be {allowed}, got {value!r}")
+        hint = _did_you_mean(value, choices[0]) if choices and isinstance(value, str) else ""
+        raise PipelineError(f"{path}: {name} must be {allowed}, got {value!r}{hint}")
 
 
 def load_params(*sections, path=PARAMS_FILE):
@@ -122,7 +133,7 @@ def load_params(*sections, path=PARAMS_FILE):
             raise PipelineError(f"{path}: missing section {section}; restore it with git checkout {path}")
         rules, value = SCHEMA[section], params[section]
         if isinstance(rules, tuple):
-            _check(section, value, rules)
+            _check(path, section, value, rules)
             continue
         if not isinstance(value, dict):
             raise PipelineError(f"{path}: {section} must be a mapping of keys, got {value!r}")
@@ -134,7 +145,7 @@ def load_params(*sections, path=PARAMS_FILE):
         for key, rule in rules.items():
             if key not in value:
                 raise PipelineError(f"{path}: missing key {section}.{key} ({rule[1]})")
-            _check(f"{section}.{key}", value[key], rule)
+            _check(path, f"{section}.{key}", value[key], rule)
     return params
 
 
@@ -191,6 +202,7 @@ def run(main):
         main()
     except PipelineError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; atomic_path has already removed the partial outputs
         stage = Path(sys.argv[0]).stem
-        sys.exit(f"interrupted: {stage} stopped; its outputs are unchanged, `dvc repro` redoes it")
+        print(f"interrupted: {stage} stopped; no partial output kept, `dvc repro` redoes it", file=sys.stderr)
+        sys.exit(130)

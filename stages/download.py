@@ -9,6 +9,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,13 +33,13 @@ PUBLIC_MIRRORS = (  # HTTPS first; the original host last, it often refuses down
 HINT = "set MNIST_MIRROR to a URL or directory holding the four .gz files"
 
 
-def env_number(name, default, cast):
+def env_number(name, default, cast, minimum, allowed):
     try:
         value = cast(os.environ.get(name, default))
     except ValueError:
-        value = -1
-    if value < 0:
-        raise PipelineError(f"{name} must be a non-negative number, got {os.environ[name]!r}")
+        value = None
+    if value is None or not minimum <= value < float("inf"):  # also refuses nan
+        raise PipelineError(f"{name} must be {allowed}, got {os.environ[name]!r}")
     return value
 
 
@@ -61,12 +62,14 @@ def fetch(url, dest, limit, timeout):
         size = int(response.headers.get("Content-Length") or 0)
         if size > limit:
             raise ValueError(f"announces {size} bytes, more than the {limit} expected")
-        with tqdm(total=size or None, unit="B", unit_scale=True, desc=Path(dest).name, leave=False) as bar:
+        with tqdm(
+            total=size or None, unit="B", unit_scale=True, desc=Path(dest).name, leave=False, disable=None
+        ) as bar:
             received = 0
             while chunk := response.read(1 << 16):
                 received += len(chunk)
                 if received > limit:
-                    raise ValueError(f"sent more than the {limit} bytes expected; stopped reading")
+                    raise ValueError(f"sent more than the {limit} bytes expected, stopped reading")
                 f.write(chunk)
                 bar.update(len(chunk))
     if size and received < size:
@@ -77,12 +80,17 @@ def verify(path, name):
     """Check the decompressed payload's size and SHA-256 against the pinned values."""
     digest, size = FILES[name]
     sha, n = hashlib.sha256(), 0
-    with gzip.open(path) as f:
-        while chunk := f.read(1 << 20):
-            n += len(chunk)
-            if n > size:
-                raise ValueError(f"decompresses to more than the {size} bytes expected")
-            sha.update(chunk)
+    try:
+        with gzip.open(path) as f:
+            while chunk := f.read(1 << 20):
+                n += len(chunk)
+                if n > size:
+                    raise ValueError(f"decompresses to more than the {size} bytes expected")
+                sha.update(chunk)
+    except EOFError:  # the transfer stopped early: worth another try
+        raise ConnectionError("truncated: the gzip stream ends early") from None
+    except (gzip.BadGzipFile, zlib.error) as e:  # bad content: retrying the same mirror won't help
+        raise ValueError(f"not a valid gzip file ({e})") from None
     if n != size:
         raise ValueError(f"truncated payload: {n} of {size} bytes")
     if sha.hexdigest() != digest:
@@ -115,8 +123,9 @@ def download(name, dest, bases, timeout, retries):
 
 
 def main():
-    timeout = env_number("MNIST_TIMEOUT", 30, float)  # seconds a mirror may stay silent
-    retries = env_number("MNIST_RETRIES", 2, int)
+    # seconds a mirror may stay silent (0 would mean non-blocking sockets, so at least 1 ms)
+    timeout = env_number("MNIST_TIMEOUT", 30, float, 0.001, "a positive number of seconds")
+    retries = env_number("MNIST_RETRIES", 2, int, 0, "a non-negative integer")
     bases = sources()
     with tempfile.TemporaryDirectory() as scratch, atomic_path(OUT) as staged:
         staged.mkdir()

@@ -1,0 +1,51 @@
+"""Same params, same seed, same machine: the same weights and metrics, to the bit.
+
+The .keras file itself differs between runs (the archive records when it was saved), so the
+test compares what is inside it; README "Reproducibility" says what holds across machines.
+"""
+
+import json
+import shutil
+
+import numpy as np
+from conftest import run_stage
+
+from common import load_split
+
+TIMINGS = {"train_seconds", "samples_per_second"}  # wall-clock figures, the only expected difference
+
+
+def train(work, keep):
+    run_stage("train", work)
+    keep.mkdir()
+    shutil.copy2(work / "data/model.keras", keep / "model.keras")
+    shutil.copytree(work / "metrics", keep / "metrics")
+
+
+def test_two_forced_runs_give_identical_weights_and_metrics(prepared, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(prepared, first)
+    train(prepared, second)  # the stage overwrites its outputs: a forced re-run
+
+    import keras
+
+    models = [keras.saving.load_model(run / "model.keras", safe_mode=True) for run in (first, second)]
+    a, b = (model.get_weights() for model in models)
+    assert len(a) == len(b) == 6  # 2 hidden layers + output: kernel and bias each
+    for wa, wb in zip(a, b, strict=True):
+        assert wa.dtype == wb.dtype and np.array_equal(wa, wb)  # bit-identical, not merely close
+
+    # test_accuracy as stages/evaluate.py computes it (in-process: one TensorFlow start-up less).
+    monkeypatch.chdir(prepared)
+    x, y, divisor = load_split("test")
+    x = x.reshape(len(x), -1).astype("float32") / np.float32(divisor)
+    probs = [model.predict(x, batch_size=1000, verbose=0) for model in models]
+    assert np.array_equal(probs[0], probs[1])
+    accuracy = [float((p.argmax(axis=1) == y).mean()) for p in probs]
+    assert accuracy[0] == accuracy[1] > 0.5
+    trained = [json.loads((run / "metrics/train/metrics.json").read_text()) for run in (first, second)]
+    assert {k: v for k, v in trained[0].items() if k not in TIMINGS} == {
+        k: v for k, v in trained[1].items() if k not in TIMINGS
+    }
+    for tsv in sorted((first / "metrics/train/plots").rglob("*.tsv")):  # every epoch's loss and accuracy
+        assert tsv.read_text() == (second / tsv.relative_to(first)).read_text()
