@@ -38,3 +38,9 @@ ablations: setup  ## run the study's experiments and write reports/ablations.md
 
 report: setup  ## reports/ablations.{md,png} from the experiments DVC has
 	python sweep/report.py
+
+# The plain Keras script against the train stage, interleaved, with the machine's matmul limit:
+# benchmarks/results.{json,md}. QUICK=1 runs fewer epochs and repeats (a few minutes, not ~15).
+.PHONY: bench
+bench: setup  ## time the train stage against a plain Keras script
+	python benchmarks/run.py $(if $(QUICK),--quick)
