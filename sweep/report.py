@@ -109,6 +109,19 @@ def direction(delta):
     return f"{'a gain' if delta > 0 else 'a loss'} of {abs(100 * delta):.2f} pp"
 
 
+def agreement(ours, theirs):
+    """Do our effect and the reference's (changes in test accuracy vs each baseline) agree?"""
+    small = abs(ours) * 100 < NOISE, abs(theirs) * 100 < NOISE
+    if all(small):
+        return "so both say this choice hardly matters."
+    if any(small) or (ours > 0) != (theirs > 0):
+        return "so here the two runs disagree."
+    scale = abs(ours) / abs(theirs)
+    if 0.5 <= scale <= 2:
+        return "the same effect."
+    return f"the same direction, but {scale:.1f} times {'as large' if scale > 1 else 'the size'}."
+
+
 def paragraph(row, base):
     """What one run shows, from its numbers and those of the baseline (ours and the reference's)."""
     ref = row["reference"]
@@ -125,17 +138,17 @@ def paragraph(row, base):
     if base and row is not base:
         ours = row["test_accuracy"] - base["test_accuracy"]
         theirs = ref["test_accuracy"] - base["reference"]["test_accuracy"]
-        same = (abs(ours) * 100 < NOISE) == (abs(theirs) * 100 < NOISE) and (ours > 0) == (theirs > 0)
-        text.append(
-            f"Against our baseline it is {direction(ours)}; the reference saw {direction(theirs)}, "
-            + ("the same effect." if same else "so here the two runs disagree.")
-        )
+        text.append(f"Against our baseline it is {direction(ours)}; the reference saw {direction(theirs)}, ")
+        text[-1] += agreement(ours, theirs)
     ratio = row["val_loss"] / row["loss"] if row["loss"] > 0 else float("inf")
-    overfit = (
-        "the network fits the training set far better than it generalises"
-        if ratio > 2
-        else ("training and validation agree" if ratio < 1.3 else "a moderate generalisation gap")
-    )
+    if ratio > 2:
+        overfit = "the network fits the training set far better than it generalises"
+    elif ratio > 1.3:
+        overfit = "a moderate generalisation gap"
+    elif ratio >= 0.9:
+        overfit = "training and validation agree"
+    else:  # the training loss averages an epoch of a still-improving network, with dropout on
+        overfit = "validation is below the epoch-averaged training loss, so the run was still improving"
     text.append(
         f"Final-epoch validation loss {row['val_loss']:.4f} against training loss {row['loss']:.4f} "
         f"({ratio:.1f} times): {overfit}; the reference had {ref['val_loss']:.4f} against {ref['loss']:.4f}."
@@ -163,15 +176,16 @@ def figure(rows, path):
     )
     bars.bar([i + 0.2 for i in x], [100 * r["test_accuracy"] for r in rows], 0.4, label="reproduced")
     low = min(min(100 * r["test_accuracy"], 100 * r["reference"]["test_accuracy"]) for r in rows)
-    bars.set(ylim=(max(0, low - 5), 100), ylabel="test accuracy (%)", title="Test accuracy per variant")
+    bars.set(ylim=(max(0, low - 5), 106), ylabel="test accuracy (%)", title="Test accuracy per variant")
     bars.set_xticks(list(x), [r["name"] for r in rows], rotation=30, ha="right")
-    bars.legend()
+    bars.legend(ncol=2, loc="upper center")
     bars.grid(axis="y", alpha=0.3)
     for r in rows:
         curves.plot(r["curve"]["step"] + 1, r["curve"]["loss"], marker="o", ms=3, label=r["name"])
     curves.set(
         yscale="log", xlabel="epoch", ylabel="validation loss (log)", title="Validation loss per epoch"
     )
+    curves.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
     fig.tight_layout()
