@@ -102,7 +102,7 @@ def server():
 
 
 @pytest.fixture
-def http(server, monkeypatch):
+def web(server, monkeypatch):
     """The server with no routes yet, and download.FILES replaced by the small synthetic payloads."""
     server.routes.clear()
     server.hits.clear()
@@ -127,57 +127,57 @@ def get(server, tmp_path, mirrors, name="file0", timeout=2, retries=1):
     return time.perf_counter() - start
 
 
-def test_good_mirror(http, tmp_path):
-    http.routes["/m1/file0.gz"] = GOOD["file0"]
-    get(http, tmp_path, ["m1"])
-    assert http.hits == {"/m1/file0.gz": 1}
+def test_good_mirror(web, tmp_path):
+    web.routes["/m1/file0.gz"] = GOOD["file0"]
+    get(web, tmp_path, ["m1"])
+    assert web.hits == {"/m1/file0.gz": 1}
 
 
 @pytest.mark.parametrize("status", [403, 404, 410])
-def test_client_error_falls_through_to_the_next_mirror_without_retrying(http, tmp_path, status):
-    http.routes["/m1/file0.gz"] = status
-    http.routes["/m2/file0.gz"] = GOOD["file0"]
-    get(http, tmp_path, ["m1", "m2"], retries=2)
-    assert http.hits == {"/m1/file0.gz": 1, "/m2/file0.gz": 1}
+def test_client_error_falls_through_to_the_next_mirror_without_retrying(web, tmp_path, status):
+    web.routes["/m1/file0.gz"] = status
+    web.routes["/m2/file0.gz"] = GOOD["file0"]
+    get(web, tmp_path, ["m1", "m2"], retries=2)
+    assert web.hits == {"/m1/file0.gz": 1, "/m2/file0.gz": 1}
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
-def test_server_error_is_retried_then_falls_through(http, tmp_path, status):
-    http.routes["/m1/file0.gz"] = status
-    http.routes["/m2/file0.gz"] = GOOD["file0"]
-    seconds = get(http, tmp_path, ["m1", "m2"], retries=1)
-    assert http.hits == {"/m1/file0.gz": 2, "/m2/file0.gz": 1}  # bounded: 1 + MNIST_RETRIES tries
+def test_server_error_is_retried_then_falls_through(web, tmp_path, status):
+    web.routes["/m1/file0.gz"] = status
+    web.routes["/m2/file0.gz"] = GOOD["file0"]
+    seconds = get(web, tmp_path, ["m1", "m2"], retries=1)
+    assert web.hits == {"/m1/file0.gz": 2, "/m2/file0.gz": 1}  # bounded: 1 + MNIST_RETRIES tries
     assert seconds < 5
 
 
-def test_stalled_connection_times_out_and_moves_on(http, tmp_path):
-    http.routes["/m1/file0.gz"] = "stall"
-    http.routes["/m2/file0.gz"] = GOOD["file0"]
-    seconds = get(http, tmp_path, ["m1", "m2"], timeout=0.3, retries=0)
-    assert http.hits == {"/m1/file0.gz": 1, "/m2/file0.gz": 1}
+def test_stalled_connection_times_out_and_moves_on(web, tmp_path):
+    web.routes["/m1/file0.gz"] = "stall"
+    web.routes["/m2/file0.gz"] = GOOD["file0"]
+    seconds = get(web, tmp_path, ["m1", "m2"], timeout=0.3, retries=0)
+    assert web.hits == {"/m1/file0.gz": 1, "/m2/file0.gz": 1}
     assert seconds < 5
 
 
-def test_stall_in_the_middle_of_the_body_times_out_and_moves_on(http, tmp_path):
-    http.routes["/m1/file0.gz"] = ("stall-body", GOOD["file0"])
-    http.routes["/m2/file0.gz"] = GOOD["file0"]
-    seconds = get(http, tmp_path, ["m1", "m2"], timeout=0.3, retries=0)
+def test_stall_in_the_middle_of_the_body_times_out_and_moves_on(web, tmp_path):
+    web.routes["/m1/file0.gz"] = ("stall-body", GOOD["file0"])
+    web.routes["/m2/file0.gz"] = GOOD["file0"]
+    seconds = get(web, tmp_path, ["m1", "m2"], timeout=0.3, retries=0)
     assert seconds < 5
 
 
-def test_truncated_transfer_is_retried_then_falls_through(http, tmp_path):
-    http.routes["/m1/file0.gz"] = ("truncate", GOOD["file0"])
-    http.routes["/m2/file0.gz"] = GOOD["file0"]
-    get(http, tmp_path, ["m1", "m2"], retries=1)
-    assert http.hits == {"/m1/file0.gz": 2, "/m2/file0.gz": 1}  # truncation may be transient
+def test_truncated_transfer_is_retried_then_falls_through(web, tmp_path):
+    web.routes["/m1/file0.gz"] = ("truncate", GOOD["file0"])
+    web.routes["/m2/file0.gz"] = GOOD["file0"]
+    get(web, tmp_path, ["m1", "m2"], retries=1)
+    assert web.hits == {"/m1/file0.gz": 2, "/m2/file0.gz": 1}  # truncation may be transient
 
 
-def test_corrupted_payload_is_refused_and_the_next_mirror_used(http, tmp_path):
+def test_corrupted_payload_is_refused_and_the_next_mirror_used(web, tmp_path):
     wrong = bytes(reversed(PAYLOADS["file0"]))  # same size, other content
-    http.routes["/m1/file0.gz"] = gzip.compress(wrong)
-    http.routes["/m2/file0.gz"] = GOOD["file0"]
-    get(http, tmp_path, ["m1", "m2"], retries=2)
-    assert http.hits == {"/m1/file0.gz": 1, "/m2/file0.gz": 1}  # bad content: no point retrying
+    web.routes["/m1/file0.gz"] = gzip.compress(wrong)
+    web.routes["/m2/file0.gz"] = GOOD["file0"]
+    get(web, tmp_path, ["m1", "m2"], retries=2)
+    assert web.hits == {"/m1/file0.gz": 1, "/m2/file0.gz": 1}  # bad content: no point retrying
 
 
 @pytest.mark.parametrize(
@@ -191,32 +191,32 @@ def test_corrupted_payload_is_refused_and_the_next_mirror_used(http, tmp_path):
     ],
     ids=["html", "corrupt-deflate", "too-long", "too-short", "gzip-bomb"],
 )
-def test_bad_content_is_one_line_naming_the_url_and_reason(http, tmp_path, body, reason):
-    http.routes["/m1/file0.gz"] = body
+def test_bad_content_is_one_line_naming_the_url_and_reason(web, tmp_path, body, reason):
+    web.routes["/m1/file0.gz"] = body
     with pytest.raises(PipelineError) as e:
-        get(http, tmp_path, ["m1"], retries=2)
-    assert f"{http.url('m1')}file0.gz: {reason}" in str(e.value)
-    assert http.hits == {"/m1/file0.gz": 1}
+        get(web, tmp_path, ["m1"], retries=2)
+    assert f"{web.url('m1')}file0.gz: {reason}" in str(e.value)
+    assert web.hits == {"/m1/file0.gz": 1}
 
 
 @pytest.mark.parametrize("announced", [True, False], ids=["announced", "unannounced"])
-def test_oversized_file_stops_reading_early(http, tmp_path, announced):
-    http.routes["/m1/file0.gz"] = ("huge", HUGE if announced else None)
-    http.routes["/m2/file0.gz"] = GOOD["file0"]
-    get(http, tmp_path, ["m1", "m2"], retries=2)
-    assert http.hits["/m1/file0.gz"] == 1  # not retried: the mirror is wrong, not slow
+def test_oversized_file_stops_reading_early(web, tmp_path, announced):
+    web.routes["/m1/file0.gz"] = ("huge", HUGE if announced else None)
+    web.routes["/m2/file0.gz"] = GOOD["file0"]
+    get(web, tmp_path, ["m1", "m2"], retries=2)
+    assert web.hits["/m1/file0.gz"] == 1  # not retried: the mirror is wrong, not slow
     for _ in range(100):  # the server thread notices the hang-up
-        if "/m1/file0.gz" in http.sent:
+        if "/m1/file0.gz" in web.sent:
             break
         time.sleep(0.05)
     # Whatever the socket buffers took in, the client read ~64 kB and hung up: far below the offer.
-    assert http.sent["/m1/file0.gz"] < HUGE // 8
+    assert web.sent["/m1/file0.gz"] < HUGE // 8
 
 
-def test_no_mirror_reachable_lists_every_source_and_the_hint(http, tmp_path):
+def test_no_mirror_reachable_lists_every_source_and_the_hint(web, tmp_path):
     refused = closed_port_url()
-    http.routes["/m2/file0.gz"] = 503
-    bases = [refused, http.url("m2"), http.url("m3")]  # refused, server error, not found
+    web.routes["/m2/file0.gz"] = 503
+    bases = [refused, web.url("m2"), web.url("m3")]  # refused, server error, not found
     start = time.perf_counter()
     with pytest.raises(PipelineError) as e:
         download.download("file0", tmp_path / "file0.gz", bases, timeout=1, retries=1)
@@ -234,13 +234,13 @@ def test_no_mirror_reachable_lists_every_source_and_the_hint(http, tmp_path):
 
 
 @pytest.fixture
-def stage_dir(http, tmp_path, monkeypatch):
+def stage_dir(web, tmp_path, monkeypatch):
     """Run download.main() in tmp_path with the public mirrors replaced by /m1/ and /m2/."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MNIST_MIRROR", raising=False)
     monkeypatch.setenv("MNIST_TIMEOUT", "1")
     monkeypatch.setenv("MNIST_RETRIES", "0")
-    monkeypatch.setattr(download, "PUBLIC_MIRRORS", (http.url("m1"), http.url("m2")))
+    monkeypatch.setattr(download, "PUBLIC_MIRRORS", (web.url("m1"), web.url("m2")))
     return tmp_path
 
 
@@ -248,25 +248,25 @@ def files_under(path):
     return sorted(str(p.relative_to(path)) for p in Path(path).rglob("*"))
 
 
-def test_stage_falls_through_mirrors_and_writes_verified_files(http, stage_dir):
-    http.routes["/m1/file0.gz"] = 500
-    http.routes["/m2/file0.gz"] = GOOD["file0"]
-    http.routes["/m1/file1.gz"] = GOOD["file1"]
+def test_stage_falls_through_mirrors_and_writes_verified_files(web, stage_dir):
+    web.routes["/m1/file0.gz"] = 500
+    web.routes["/m2/file0.gz"] = GOOD["file0"]
+    web.routes["/m1/file1.gz"] = GOOD["file1"]
     download.main()
     assert files_under(stage_dir / "data") == ["raw", "raw/file0.gz", "raw/file1.gz"]
     for name, data in PAYLOADS.items():
         assert gzip.decompress((stage_dir / "data/raw" / f"{name}.gz").read_bytes()) == data
 
 
-def test_stage_writes_nothing_when_one_file_is_corrupt_everywhere(http, stage_dir):
+def test_stage_writes_nothing_when_one_file_is_corrupt_everywhere(web, stage_dir):
     corrupt = gzip.compress(bytes(reversed(PAYLOADS["file1"])))
-    http.routes.update({"/m1/file0.gz": GOOD["file0"], "/m1/file1.gz": corrupt, "/m2/file1.gz": corrupt})
+    web.routes.update({"/m1/file0.gz": GOOD["file0"], "/m1/file1.gz": corrupt, "/m2/file1.gz": corrupt})
     with pytest.raises(PipelineError, match=r"file1\.gz: checksum mismatch"):
         download.main()
     assert files_under(stage_dir / "data") == []  # not even the good file0: data/raw is all or nothing
 
 
-def test_stage_keeps_the_previous_download_when_a_new_one_fails(http, stage_dir):
+def test_stage_keeps_the_previous_download_when_a_new_one_fails(web, stage_dir):
     raw = stage_dir / "data/raw"
     raw.mkdir(parents=True)
     for name, data in GOOD.items():
@@ -305,13 +305,13 @@ def stage_copy(tmp_path):
     return work
 
 
-def test_process_with_unreachable_mirror_fails_in_one_line(http, tmp_path):
+def test_process_with_unreachable_mirror_fails_in_one_line(web, tmp_path):
     work = stage_copy(tmp_path)
-    env = {"MNIST_MIRROR": http.url("nothing-here"), "MNIST_RETRIES": "0", "MNIST_TIMEOUT": "2"}
+    env = {"MNIST_MIRROR": web.url("nothing-here"), "MNIST_RETRIES": "0", "MNIST_TIMEOUT": "2"}
     proc = run([sys.executable, "stages/download.py"], work, check=False, env=env)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    url = f"{http.url('nothing-here')}train-images-idx3-ubyte.gz"
+    url = f"{web.url('nothing-here')}train-images-idx3-ubyte.gz"
     assert proc.stderr.strip().splitlines() == [
         f"error: could not get train-images-idx3-ubyte.gz; tried {url}: HTTP 404. "
         "set MNIST_MIRROR to a URL or directory holding the four .gz files"
@@ -319,20 +319,20 @@ def test_process_with_unreachable_mirror_fails_in_one_line(http, tmp_path):
     assert files_under(work / "data") == []
 
 
-def test_process_terminated_mid_download_leaves_nothing(http, tmp_path):
+def test_process_terminated_mid_download_leaves_nothing(web, tmp_path):
     """SIGTERM while a mirror stalls: one 'interrupted' line, and no data/raw at all."""
-    http.routes["/slow/train-images-idx3-ubyte.gz"] = "stall"
+    web.routes["/slow/train-images-idx3-ubyte.gz"] = "stall"
     work = stage_copy(tmp_path)
-    env = {**os.environ, "MNIST_MIRROR": http.url("slow"), "MNIST_TIMEOUT": "30"}
+    env = {**os.environ, "MNIST_MIRROR": web.url("slow"), "MNIST_TIMEOUT": "30"}
     proc = subprocess.Popen(
         [sys.executable, "stages/download.py"], cwd=work, env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         for _ in range(200):
-            if http.hits:
+            if web.hits:
                 break
             time.sleep(0.05)
-        assert http.hits, "the stage never reached the server"
+        assert web.hits, "the stage never reached the server"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)
     finally:
