@@ -179,7 +179,10 @@ def main(argv=None):
         fail(f"uncommitted changes would leak into every experiment; commit or stash them first:\n{dirty}")
     todo = plan(study, parse_overrides(args.set), committed_params(), args.force)
     if args.jobs > 0:
-        problems = run_queue(todo, args.jobs, args.timeout, args.stall)
+        # The first run alone fills the run cache, so the queued ones restore download and
+        # preprocess instead of each running them in parallel.
+        problems = run_sequential(todo[:1], args.timeout)
+        problems.update(run_queue(todo[1:], args.jobs, args.timeout, args.stall) if todo[1:] else {})
     else:
         problems = run_sequential(todo, args.timeout)
     ran, skipped = len(todo) - len(problems), len(study) - len(todo)
