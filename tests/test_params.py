@@ -154,7 +154,7 @@ def test_unknown_top_level_key_with_did_you_mean(workdir):
 
 
 def test_unknown_top_level_key_without_a_close_match(workdir):
-    edit(workdir, lambda p: p.update({"42": 1}))
+    edit(workdir, lambda p: p.update({42: 1}))  # an int key: difflib needs a str
     assert fail(workdir, "preprocess") == "error: params.yaml: unknown key 42"
 
 
