@@ -1,8 +1,10 @@
 # One entry point for people and CI: each target sets up .venv first if it is missing or stale.
 VENV := .venv
 PYTHON ?= python3.11
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)  # stage commands run `python` and `dvc` from .venv
-export TF_CPP_MIN_LOG_LEVEL ?= 2  # TensorFlow's start-up banner hides the stage output
+# Stage commands run `python` and `dvc` from .venv; TensorFlow's start-up banner would hide
+# the stage output. (No comments after these values: make would keep the spaces before them.)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup repro test test-slow lint
 .DEFAULT_GOAL := repro

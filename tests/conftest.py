@@ -74,10 +74,8 @@ def git_init(workdir):
         run(args, workdir)
 
 
-@pytest.fixture
-def project(tmp_path):
-    """A copy of the project's source files in a fresh git repo, with the small config applied."""
-    work = tmp_path / "project"
+def copy_project(work, overrides=SMALL, git=True):
+    """Copy the project's source files to `work`, apply `overrides` to params.yaml, commit in a new repo."""
     for name in PROJECT_FILES:
         src, dst = ROOT / name, work / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -85,9 +83,17 @@ def project(tmp_path):
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    set_params(work, SMALL)
-    git_init(work)
+    if overrides:
+        set_params(work, overrides)
+    if git:
+        git_init(work)
     return work
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A copy of the project's source files in a fresh git repo, with the small config applied."""
+    return copy_project(tmp_path / "project")
 
 
 @pytest.fixture(scope="session")

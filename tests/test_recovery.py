@@ -10,7 +10,6 @@ ran `dvc repro` once (module-scoped: the good run is shared; each test restores 
 
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_FILES, ROOT, SMALL, git_init, run, set_params
+from conftest import copy_project, run, set_params
 
 
 def dvc(args, work, check=True):
@@ -50,16 +49,7 @@ def cache(work):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, mirror):
     """A git + DVC project (small config) after one good `dvc repro`, committed."""
-    work = tmp_path_factory.mktemp("recovery") / "project"
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, work / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    set_params(work, SMALL)
-    git_init(work)
+    work = copy_project(tmp_path_factory.mktemp("recovery") / "project")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     run([str(Path(sys.executable).parent / "dvc"), "repro"], work, env={"MNIST_MIRROR": mirror})
     run(["git", "add", "-A"], work)

@@ -1,26 +1,16 @@
 """Full-size runs (minutes): `pytest -m slow`."""
 
 import json
-import shutil
 
 import pytest
 import yaml
-from conftest import PROJECT_FILES, ROOT, git_init, run
+from conftest import copy_project, run
 
 
 @pytest.fixture
 def full_project(tmp_path):
     """A copy of the project with the repository's params.yaml unchanged (not the small config)."""
-    work = tmp_path / "project"
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, work / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    git_init(work)
-    return work
+    return copy_project(tmp_path / "project", overrides=None)
 
 
 @pytest.mark.slow

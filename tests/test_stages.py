@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PROJECT_FILES, ROOT, SMALL, run, run_stage, set_params
+from conftest import ROOT, SMALL, copy_project, run, run_stage, set_params
 
 EPOCHS = SMALL["train.epochs"]
 UNITS = SMALL["model.hidden_units"]
@@ -24,15 +24,7 @@ def done(tmp_path_factory, raw_data):
 
     Module-scoped, unlike `prepared`, so that the model is trained once for all the checks below.
     """
-    work = tmp_path_factory.mktemp("stages")
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, work / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    set_params(work, SMALL)
+    work = copy_project(tmp_path_factory.mktemp("stages"), git=False)
     shutil.copytree(raw_data, work / "data" / "raw")
     out = {name: run_stage(name, work).stdout for name in ("preprocess", "train", "evaluate", "plot")}
     return work, out
