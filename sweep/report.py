@@ -119,7 +119,7 @@ def agreement(ours, theirs):
     scale = abs(ours) / abs(theirs)
     if 0.5 <= scale <= 2:
         return "the same effect."
-    return f"the same direction, but {scale:.1f} times {'as large' if scale > 1 else 'the size'}."
+    return f"the same direction, but {scale:.2g} times {'as large' if scale > 1 else 'the size'}."
 
 
 def paragraph(row, base):
