@@ -79,15 +79,20 @@ def test_train_model_summary(done):
     assert f"Trainable params: {SMALL_PARAMS:,}" in summary
 
 
-def test_checkpoint_is_the_best_epoch_by_val_loss(done):
-    """The saved model scores on the validation set what DVCLive logged for the best epoch."""
+def keras_predict(work, split):
+    """The saved model's probabilities on a prepared split, and Keras's own cross-entropy of them."""
     keras = pytest.importorskip("keras")
-    work, _ = done
     model = keras.saving.load_model(work / "data" / "model.keras")
-    with np.load(work / "data/prepared/val.npz") as f:
+    with np.load(work / f"data/prepared/{split}.npz") as f:
         x, y, divisor = f["x"], f["y"], float(f["divisor"])
     probs = np.asarray(model.predict(x.reshape(len(x), -1).astype("float32") / divisor, verbose=0))
-    loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
+    return probs, float(np.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
+
+
+def test_checkpoint_is_the_best_epoch_by_val_loss(done):
+    """The saved model scores on the validation set what DVCLive logged for the best epoch."""
+    work, _ = done
+    _, loss = keras_predict(work, "val")
     best = read_json(work / "metrics" / "train" / "metrics.json")["best_val_loss"]
     assert loss == pytest.approx(best, rel=1e-3)
 
@@ -111,13 +116,8 @@ def test_evaluate_metrics_are_fractions_consistent_with_predictions(done):
 
 
 def test_evaluate_loss_matches_keras(done):
-    keras = pytest.importorskip("keras")
     work, _ = done
-    model = keras.saving.load_model(work / "data" / "model.keras")
-    with np.load(work / "data/prepared/test.npz") as f:
-        x, y, divisor = f["x"], f["y"], float(f["divisor"])
-    probs = np.asarray(model.predict(x.reshape(len(x), -1).astype("float32") / divisor, verbose=0))
-    expected = float(np.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
+    probs, expected = keras_predict(work, "test")
     assert read_json(work / "metrics" / "evaluate.json")["test_loss"] == pytest.approx(expected, rel=1e-4)
     predictions = pd.read_csv(work / "metrics" / "predictions.csv")
     np.testing.assert_array_equal(predictions.predicted, probs.argmax(axis=1))
