@@ -4,7 +4,8 @@ Each experiment is `dvc exp run -n <name> -S <its overrides> -S <extra k=v>` fro
 params.yaml, in a temporary directory (sequential, the default) or through DVC's queue
 (--jobs N). The workspace is never modified, and download and preprocess are restored from
 DVC's run cache rather than run again. An experiment that already exists with the same params
-is skipped, one with other params is replaced (--force replaces all); each is announced.
+is skipped, one with other params is replaced (--force replaces all); each is announced. A
+replaced experiment is kept as <name>-replaced until its new run succeeds, and restored if it fails.
 Exit status 1 names every experiment that failed or got stuck.
 """
 
@@ -20,6 +21,7 @@ import yaml
 from study import STUDY, committed_params, describe, dvc, experiments, fail, format_value, load_study
 
 POLL = 5  # seconds between looks at the queue
+KEPT = "-replaced"  # suffix of an experiment being replaced, until its new run succeeds
 
 
 def parse_args(argv):
@@ -64,8 +66,10 @@ def plan(study, extra, base, force):
                 print(f"skip {name}: it exists with the same params ({old['rev'][:7]}; --force re-runs it)")
                 continue
             why = "--force" if not diff else ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
-            print(f"replace {name}: removing {old['rev'][:7]} ({why})")
-            dvc("exp", "remove", name)
+            backup = f"{name}{KEPT}"
+            dvc("exp", "remove", backup, check=False)  # left by an interrupted sweep
+            dvc("exp", "rename", name, backup)
+            print(f"replace {name}: {old['rev'][:7]} kept as {backup} until the new run succeeds ({why})")
         elif old:
             print(f"run {name}: its previous run is {old['state']}; it is cleared first")
             dvc("queue", "remove", name, check=False)
@@ -164,6 +168,22 @@ def run_queue(todo, jobs, timeout, stall):
     return problems
 
 
+def settle_replaced(todo, problems):
+    """Drop the kept copy of each replaced experiment whose new run succeeded; restore the others."""
+    kept = experiments()
+    for name, _ in todo:
+        backup = f"{name}{KEPT}"
+        if backup not in kept:
+            continue
+        if name in problems:
+            dvc("queue", "remove", name, check=False)  # the failed run, so the name is free again
+            dvc("exp", "remove", name, check=False)
+            dvc("exp", "rename", backup, name)
+            print(f"{name}: the new run failed; the previous one ({kept[backup]['rev'][:7]}) is kept")
+        else:
+            dvc("exp", "remove", backup)
+
+
 def main(argv=None):
     args = parse_args(argv)
     study = load_study(args.study)
@@ -185,6 +205,7 @@ def main(argv=None):
         problems.update(run_queue(todo[1:], args.jobs, args.timeout, args.stall) if todo[1:] else {})
     else:
         problems = run_sequential(todo, args.timeout)
+    settle_replaced(todo, problems)
     ran, skipped = len(todo) - len(problems), len(study) - len(todo)
     print(f"\nablations: {ran} run, {skipped} skipped, {len(problems)} failed")
     for name, problem in problems.items():

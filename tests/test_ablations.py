@@ -19,9 +19,11 @@ def readme_commands():
     return [line.replace(".venv/bin/", "") for line in block.splitlines() if line.strip()]
 
 
-def sweep(project, *args, mirror):
-    """Run the sweep; its output and DVC's, as one string."""
-    proc = run([sys.executable, "sweep/ablations.py", *args], project, env={"MNIST_MIRROR": mirror})
+def sweep(project, *args, mirror, check=True):
+    """Run the sweep; its output and DVC's, as one string (check=False: it must fail)."""
+    cmd = [sys.executable, "sweep/ablations.py", *args]
+    proc = run(cmd, project, check=check, env={"MNIST_MIRROR": mirror})
+    assert check or proc.returncode == 1
     return proc.stdout + proc.stderr
 
 
@@ -92,6 +94,12 @@ def test_sweep_report_rerun_and_readme_commands(study_project, mirror):
     assert "replace no-dropout" in replaced and "train.epochs 1 -> 2" in replaced
     names = run(["dvc", "exp", "list", "--name-only"], project).stdout.split()
     assert sorted(names) == sorted(old) == sorted(VARIANTS)
+    assert exps(project)["no-dropout"][0]["train"]["epochs"] == 2
+    # A replacement that fails keeps the previous run under its name.
+    failed = sweep(project, "--only", "no-dropout", "train.batch_size=0", mirror=mirror, check=False)
+    assert "train.batch_size must be a positive integer, got 0" in failed
+    assert "no-dropout: the new run failed; the previous one" in failed
+    assert sorted(run(["dvc", "exp", "list", "--name-only"], project).stdout.split()) == sorted(VARIANTS)
     assert exps(project)["no-dropout"][0]["train"]["epochs"] == 2
 
     # The README's commands, exactly as written (bar the .venv/bin/ prefix).
