@@ -186,12 +186,16 @@ def save_split(path, x, y, divisor):
         np.savez(tmp, x=x, y=y, divisor=np.float32(divisor))
 
 
+def require(path, stage):
+    """`path` if it exists; otherwise the error that names the stage which writes it."""
+    if not Path(path).exists():
+        raise PipelineError(f"{path} is missing: run `dvc repro {stage}` first")
+    return path
+
+
 def load_split(name):
     """Return (images uint8 [N, 28, 28], labels uint8 [N], pixel divisor) of a prepared split."""
-    path = PREPARED / f"{name}.npz"
-    if not path.exists():
-        raise PipelineError(f"{path} is missing: run `dvc repro preprocess` first")
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(require(PREPARED / f"{name}.npz", "preprocess"), allow_pickle=False) as f:
         return f["x"], f["y"], float(f["divisor"])
 
 

@@ -110,7 +110,7 @@ def download(name, dest, bases, timeout, retries):
                 return
             except urllib.error.HTTPError as e:
                 reason, transient = f"HTTP {e.code}", e.code >= 500
-            except (urllib.error.URLError, http.client.HTTPException, OSError, EOFError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 # timeouts, resets, truncation: worth another try
                 reason, transient = getattr(e, "reason", None) or str(e) or type(e).__name__, True
             except ValueError as e:

@@ -9,24 +9,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from common import PipelineError, atomic_path, load_params, load_split, run
+from common import PipelineError, atomic_path, load_params, load_split, require, run
 
 OUT = Path("metrics/figures")
 HISTORY = Path("metrics/train/plots/metrics")  # DVCLive: {train,eval}/{loss,accuracy}.tsv
 
 
 def read_history(split, metric):
-    path = HISTORY / split / f"{metric}.tsv"
-    if not path.exists():
-        raise PipelineError(f"{path} is missing: run `dvc repro train` first")
-    return pd.read_csv(path, sep="\t")
+    return pd.read_csv(require(HISTORY / split / f"{metric}.tsv", "train"), sep="\t")
 
 
 def read_evaluation(name):
-    path = Path("metrics") / name
-    if not path.exists():
-        raise PipelineError(f"{path} is missing: run `dvc repro evaluate` first")
-    return pd.read_csv(path)
+    return pd.read_csv(require(Path("metrics") / name, "evaluate"))
 
 
 def learning_curves(path):
