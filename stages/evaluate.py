@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import MODEL_FILE, atomic_path, load_split, require, run, write_json
+from common import MODEL_FILE, atomic_path, import_keras, load_split, require, run, write_json
 
 METRICS = Path("metrics/evaluate.json")
 PER_CLASS = Path("metrics/per_class.csv")
@@ -15,11 +15,10 @@ CONFUSION = Path("metrics/confusion_matrix.csv")
 
 
 def predict(x, divisor):
-    import keras
-
+    keras = import_keras()
     model = keras.saving.load_model(require(MODEL_FILE, "train"), safe_mode=True)
     x = x.reshape(len(x), -1).astype("float32") / np.float32(divisor)
-    return model.predict(x, batch_size=1000, verbose=0)
+    return model.predict(x, batch_size=len(x), verbose=0)  # the whole split in one compiled call
 
 
 def per_class(confusion):

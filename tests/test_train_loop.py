@@ -1,0 +1,68 @@
+"""The train stage's compiled loop does what `fit` does: same model, optimizer, loss and batches."""
+
+import numpy as np
+import pytest
+from train import build_model, make_steps
+
+from common import ACTIVATIONS, OPTIMIZERS
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+N, BATCH = 300, 64  # four full batches and a last one of 44: both compiled calls run
+
+
+def data(seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, N).astype("uint8")
+    x = rng.integers(0, 60, (N, 28, 28)).astype("uint8")
+    x[np.arange(N), y, :] = 255  # the class is the bright row: learnable in a few steps
+    return x, y
+
+
+def model_and_optimizer(optimizer="rmsprop", activation="relu", dropout=0.0, seed=0):
+    keras.utils.set_random_seed(seed)
+    p = {"hidden_units": 32, "hidden_layers": 2, "activation": activation, "dropout": dropout}
+    model = build_model(p)
+    opt = keras.optimizers.get(optimizer)
+    opt.build(model.trainable_weights)
+    return model, opt
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_one_epoch_matches_fit_on_the_same_batches(jit):
+    x, y = data()
+    order = np.random.default_rng(1).permutation(N).astype("int32")
+    ours, opt = model_and_optimizer()
+    train_epoch, evaluate = make_steps(ours, opt, x, y, 255.0, BATCH, jit)
+    loss, accuracy = train_epoch(tf.constant(order))
+
+    theirs, _ = model_and_optimizer()  # same seed: same initial weights
+    theirs.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    xs = x[order].reshape(N, -1).astype("float32") / 255
+    history = theirs.fit(xs, y[order], batch_size=BATCH, epochs=1, shuffle=False, verbose=0).history
+
+    for a, b in zip(ours.get_weights(), theirs.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert loss == pytest.approx(history["loss"][0], rel=1e-4)
+    assert accuracy == pytest.approx(history["accuracy"][0], abs=1e-6)
+    val_loss, val_accuracy = (
+        float(v) for v in evaluate(tf.constant(x.reshape(N, -1)), tf.constant(y.astype("int32")))
+    )
+    expected = theirs.evaluate(x.reshape(N, -1).astype("float32") / 255, y, verbose=0)
+    assert val_loss == pytest.approx(expected[0], rel=1e-4)
+    assert val_accuracy == pytest.approx(expected[1], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "optimizer, activation",
+    [(o, "relu") for o in OPTIMIZERS] + [("rmsprop", a) for a in ACTIVATIONS if a != "relu"],
+)
+def test_every_allowed_optimizer_and_activation_trains_compiled(optimizer, activation):
+    x, y = data()
+    model, opt = model_and_optimizer(optimizer, activation, dropout=0.2)
+    before = [w.copy() for w in model.get_weights()]
+    train_epoch, _ = make_steps(model, opt, x, y, 255.0, BATCH, jit_compile=True)
+    loss, accuracy = train_epoch(tf.random.experimental.stateless_shuffle(tf.range(N), [0, 0]))
+    assert np.isfinite(loss) and 0 <= accuracy <= 1
+    assert all(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
