@@ -273,7 +273,9 @@ def save_model(model, path):
 
 def run(main):
     """Run a stage's main(): user errors and interrupts end in one line and a non-zero exit."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    # SIGTERM cleans up like Ctrl-C; SIGINT too when a background shell started us with it ignored.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.default_int_handler)
     try:
         main()
     except PipelineError as e:

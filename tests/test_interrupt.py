@@ -13,7 +13,7 @@ import time
 
 from conftest import set_params
 
-EPOCHS = 500  # far more than the test waits for: the kill always lands mid-training
+EPOCHS = 100_000  # far more than the test waits for: the kill always lands mid-training
 
 
 def history_rows(work):

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from train import build_model, make_steps
 
 from common import ACTIVATIONS, OPTIMIZERS
+from train import build_model, make_steps
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
