@@ -12,9 +12,9 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from tqdm import tqdm
-
 from common import PipelineError, atomic_path, run
+
+from tqdm import tqdm
 
 OUT = Path("data/raw")
 # SHA-256 and size of each decompressed payload: the published values, so they verify any

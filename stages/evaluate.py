@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
+from common import MODEL_FILE, atomic_path, import_keras, load_split, require, run, write_json
+
 import numpy as np
 import pandas as pd
-
-from common import MODEL_FILE, atomic_path, import_keras, load_split, require, run, write_json
 
 METRICS = Path("metrics/evaluate.json")
 PER_CLASS = Path("metrics/per_class.csv")

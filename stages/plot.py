@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
+from common import PipelineError, atomic_path, load_params, load_split, require, run
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on CI machines
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-
-from common import PipelineError, atomic_path, load_params, load_split, require, run
 
 OUT = Path("metrics/figures")
 HISTORY = Path("metrics/train/plots/metrics")  # DVCLive: {train,eval}/{loss,accuracy}.tsv

@@ -4,9 +4,9 @@ import gzip
 import zlib
 from pathlib import Path
 
-import numpy as np
-
 from common import PREPARED, PipelineError, load_params, run, save_split
+
+import numpy as np
 
 RAW = Path("data/raw")
 IMAGES, LABELS = 2051, 2049  # IDX magic numbers: unsigned bytes, 3 and 1 dimensions

@@ -7,10 +7,10 @@ says what holds across machines.
 import json
 import shutil
 
+from common import load_split
+
 import numpy as np
 from conftest import run_stage
-
-from common import load_split
 
 # wall-clock figures, the only expected difference
 TIMINGS = {"train_seconds", "first_epoch_seconds", "epoch_seconds", "samples_per_second"}

@@ -20,11 +20,12 @@ import threading
 import time
 from pathlib import Path
 
+from common import PipelineError
+
 import pytest
 from conftest import ROOT, run
 
 import download
-from common import PipelineError
 
 PAYLOADS = {
     "file0": bytes(i * 13 % 256 for i in range(3000)),

@@ -7,10 +7,11 @@ import gzip
 import hashlib
 from pathlib import Path
 
+from common import PipelineError
+
 import pytest
 
 import download
-from common import PipelineError
 from download import FILES, PUBLIC_MIRRORS, sources, verify
 
 SMALLEST = "t10k-labels-idx1-ubyte"  # 10,008 bytes: the cheapest real file to verify

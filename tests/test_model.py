@@ -1,10 +1,10 @@
 """Stage train: the MLP that build_model makes from the model params."""
 
+from common import ACTIVATIONS, OPTIMIZERS, load_params
+
 import numpy as np
 import pytest
 from conftest import ROOT
-
-from common import ACTIVATIONS, OPTIMIZERS, load_params
 
 keras = pytest.importorskip("keras")
 from train import build_model  # noqa: E402

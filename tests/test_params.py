@@ -10,11 +10,11 @@ import shutil
 import sys
 import time
 
+from common import PipelineError, load_params
+
 import pytest
 import yaml
 from conftest import ROOT, run, set_params
-
-from common import PipelineError, load_params
 
 # Runs stages/<stage>.py as __main__ with `import tensorflow` / `import keras` raising ImportError.
 NO_TF = (

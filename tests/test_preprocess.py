@@ -3,11 +3,12 @@
 import gzip
 import shutil
 
+from common import PipelineError
+
 import numpy as np
 import pytest
 from conftest import SMALL, run_stage, set_params
 
-from common import PipelineError
 from preprocess import IMAGES, LABELS, read_idx, split
 
 

@@ -1,9 +1,10 @@
 """The train stage's compiled loop does what `fit` does: same model, optimizer, loss and batches."""
 
+from common import ACTIVATIONS, OPTIMIZERS
+
 import numpy as np
 import pytest
 
-from common import ACTIVATIONS, OPTIMIZERS
 from train import build_model, make_steps
 
 keras = pytest.importorskip("keras")

@@ -1,0 +1,23 @@
+"""A stage run by a `python` without the project's packages says which environment to use."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("stage", ["download", "preprocess", "train", "evaluate", "plot"])
+def test_stage_outside_the_venv_fails_in_one_line(tmp_path_factory, stage):
+    bare = tmp_path_factory.getbasetemp() / "bare-venv"
+    if not bare.exists():  # an empty venv: the interpreter DVC finds when .venv is not activated
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", bare], check=True)
+    proc = subprocess.run(
+        [bare / "bin" / "python", f"stages/{stage}.py"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: ") and "lacks numpy" in lines[0]
+    assert "source .venv/bin/activate" in lines[0]
