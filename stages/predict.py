@@ -1,0 +1,126 @@
+"""Classify your own images of digits (or clothes) with the trained model: python stages/predict.py FILE...
+
+Not a DVC stage: a command for people. Each image is prepared the way MNIST was made (grayscale,
+light ink on a dark background, cropped to the ink, longest side scaled to 20 px, centred by its
+centre of mass in a 28x28 frame), so that the model sees what it was trained on.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from common import CLASS_NAMES, MODEL_FILE, PipelineError, load_params, load_split, require, run
+
+FRAME, BOX = 28, 20  # MNIST: the ink fits a 20x20 box, centred by centre of mass in 28x28
+CENTRE = 14  # where MNIST's centres of mass sit (row and column 14.0 on average over the test set)
+NOISE = 0.1  # ink darker than 10% of the image's contrast is paper texture or JPEG noise
+
+
+def read_image(path):
+    """Grayscale uint8 array of an image file; a transparent background counts as white paper."""
+    with Image.open(path, formats=("PNG", "JPEG")) as im:
+        im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+        return np.asarray(im.convert("L"))
+
+
+def prepare(gray):
+    """An image (uint8 [H, W], any polarity) as a 28x28 uint8 MNIST digit: light ink on black."""
+    a = gray.astype("float32")
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    background = np.median(border)
+    if background > 127:  # dark ink on light paper; MNIST is light on dark
+        a, background = 255 - a, 255 - background
+    contrast = a.max() - background
+    if contrast < 32:
+        raise PipelineError("no ink found: the image is (nearly) one flat colour")
+    ink = np.clip((a - background) / contrast, 0, 1)
+    ink[ink < NOISE] = 0
+    crop = Image.fromarray(np.round(ink * 255).astype("uint8"))
+    crop = crop.crop(crop.getbbox())
+    scale = BOX / max(crop.size)
+    size = tuple(max(1, round(side * scale)) for side in crop.size)
+    small = np.asarray(crop.resize(size, Image.Resampling.LANCZOS), dtype="float32")
+    # Thin pen strokes fade when shrunk; MNIST strokes peak at full brightness.
+    small = np.round(small * (255 / small.max())).astype("uint8")
+    ys, xs = np.indices(small.shape)
+    centre_y, centre_x = (ys * small).sum() / small.sum(), (xs * small).sum() / small.sum()
+    frame = Image.new("L", (FRAME, FRAME))
+    offset = (round(CENTRE - centre_x), round(CENTRE - centre_y))
+    frame.paste(Image.fromarray(small), offset)  # paste clips whatever a lopsided shape pushes out
+    return np.asarray(frame)
+
+
+def load(path):
+    """The prepared 28x28 digit of one file, or a PipelineError naming the file and what is wrong."""
+    try:
+        gray = read_image(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise PipelineError(f"{path}: not a PNG or JPEG image") from None
+    # Pillow reports damaged data as OSError ("image file is truncated"), SyntaxError or ValueError.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise PipelineError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        return prepare(gray)
+    except PipelineError as e:
+        raise PipelineError(f"{path}: {e}") from None
+
+
+def classify(digits, divisor):
+    """Class probabilities [N, classes] of 28x28 uint8 digits, shaped for the model's own input."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # most of TensorFlow's start-up banner
+    import keras
+
+    model = keras.saving.load_model(MODEL_FILE, safe_mode=True)
+    x = np.stack(digits).astype("float32") / np.float32(divisor)
+    x = x.reshape(len(x), *model.input_shape[1:])  # (784,) for the MLP, (28, 28, 1) for a CNN
+    return model.predict(x, verbose=0)
+
+
+def report(path, probs, names):
+    top = np.argsort(probs)[::-1][:3]
+    top3 = [{"class": int(k), "name": names[k], "confidence": float(probs[k])} for k in top]
+    return {"file": path, **top3[0], "top3": top3}
+
+
+def describe(result):
+    def label(r):
+        return r["name"] if r["name"] == str(r["class"]) else f"{r['class']} {r['name']}"
+
+    others = ", ".join(f"{label(r)} {r['confidence']:.1%}" for r in result["top3"])
+    return f"{result['file']}: {label(result)} ({result['confidence']:.1%}); top 3: {others}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Classify PNG or JPEG images with data/model.keras.")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="PNG or JPEG images, any size or polarity")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
+    args = parser.parse_args()
+    names = CLASS_NAMES[load_params("data")["data"]["dataset"]]
+    require(MODEL_FILE, "train")
+    _, _, divisor = load_split("test")  # the model expects pixels scaled as in training
+    digits, good, failed = [], [], False
+    for path in args.files:
+        try:
+            digits.append(load(path))
+            good.append(path)
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed = True
+    if digits:
+        for path, probs in zip(good, classify(digits, divisor), strict=True):
+            result = report(path, probs, names)
+            print(json.dumps(result) if args.json else describe(result), flush=True)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run(main)
