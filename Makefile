@@ -46,3 +46,10 @@ report: setup  ## reports/ablations.{md,png} from the experiments DVC has
 .PHONY: bench
 bench: setup  ## time the train stage against a plain Keras script
 	python benchmarks/run.py $(if $(QUICK),--quick)
+
+# Not a DVC stage: a command for people. IMAGES is split on spaces (call stages/predict.py
+# directly for names with spaces); JSON=1 prints one JSON object per image.
+.PHONY: predict
+predict: setup  ## classify your own PNG/JPEG images with data/model.keras: make predict IMAGES="a.png b.jpg"
+	$(if $(IMAGES),,$(error IMAGES is empty: make predict IMAGES="a.png b.jpg"))
+	python stages/predict.py $(if $(JSON),--json) $(IMAGES)

@@ -24,6 +24,8 @@ def read_image(path):
     """Grayscale uint8 array of an image file; a transparent background counts as white paper."""
     with Image.open(path, formats=("PNG", "JPEG")) as im:
         im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+        if im.mode.startswith("I"):  # 16-bit greyscale PNG: Pillow's convert("L") would clip it, not scale it
+            return np.round(np.asarray(im, dtype="float32") / 257).clip(0, 255).astype("uint8")
         if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
             im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
         return np.asarray(im.convert("L"))

@@ -99,19 +99,21 @@ def test_blank_image_has_no_ink():
         prepare(canvas(50, 50, background=200))
 
 
-@pytest.mark.parametrize("kind", ["rgb.png", "rgba.png", "grey.jpg"])
-def test_rgb_rgba_and_jpeg(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["rgb.png", "rgba.png", "palette.png", "grey16.png", "grey.jpg"])
+def test_colour_16_bit_and_jpeg_files(tmp_path, kind):
     dark_on_light = 255 - ring()
     expected = prepare(dark_on_light)
     path = tmp_path / kind
-    if kind == "rgb.png":
-        Image.fromarray(dark_on_light).convert("RGB").save(path)
-    elif kind == "rgba.png":  # black ink on a transparent background whose hidden colour is black too
+    if kind == "rgba.png":  # black ink on a transparent background whose hidden colour is black too
         rgba = np.zeros((*dark_on_light.shape, 4), "uint8")
         rgba[..., 3] = 255 - dark_on_light
         Image.fromarray(rgba, "RGBA").save(path)
-    else:
+    elif kind == "grey16.png":
+        Image.fromarray(dark_on_light.astype("uint16") * 257).save(path)
+    elif kind == "grey.jpg":
         Image.fromarray(dark_on_light).save(path, quality=90)
+    else:
+        Image.fromarray(dark_on_light).convert({"rgb.png": "RGB", "palette.png": "P"}[kind]).save(path)
     digit = load(path)
     if kind.endswith(".png"):
         assert np.array_equal(digit, expected)
