@@ -2,7 +2,7 @@
 
 import contextlib
 import difflib
-import importlib.util
+import importlib.machinery
 import json
 import math
 import os
@@ -17,7 +17,7 @@ from pathlib import Path
 _MISSING = [
     m
     for m in ("numpy", "yaml", "pandas", "matplotlib", "keras", "dvclive", "tqdm")
-    if not importlib.util.find_spec(m)
+    if not importlib.machinery.PathFinder.find_spec(m)
 ]
 if _MISSING:
     sys.exit(

@@ -10,10 +10,10 @@ import json
 import os
 import sys
 
+from common import CLASS_NAMES, MODEL_FILE, PipelineError, load_params, load_split, require, run
+
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from common import CLASS_NAMES, MODEL_FILE, PipelineError, load_params, load_split, require, run
 
 FRAME, BOX = 28, 20  # MNIST: the ink fits a 20x20 box, centred by centre of mass in 28x28
 CENTRE = 14  # where MNIST's centres of mass sit (row and column 14.0 on average over the test set)

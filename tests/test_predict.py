@@ -3,12 +3,13 @@
 import json
 import sys
 
+from common import PipelineError, save_split
+
 import numpy as np
 import pytest
 from conftest import copy_project, run, run_stage, set_params
 from PIL import Image
 
-from common import PipelineError, save_split
 from predict import load, prepare
 
 RING, BAR = 0, 1  # the tiny model below learns a ring as a 0 and an upright bar as a 1
