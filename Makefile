@@ -28,6 +28,16 @@ test-slow: setup  ## full-size runs: the baseline reproduces ~98% test accuracy
 lint: setup
 	ruff check . && ruff format --check .
 
+# CI's check (.github/workflows/ci.yml): rerun every stage, then compare test_accuracy with git HEAD's.
+# TOLERANCE=x overrides the allowed move (see stages/check_repro.py for why there is one).
+.PHONY: check-repro plots-template
+check-repro: setup  ## rerun the whole pipeline; fail if test_accuracy moved from the committed value
+	dvc repro --force
+	python stages/check_repro.py $(if $(TOLERANCE),--tolerance $(TOLERANCE))
+
+plots-template: setup  ## rebuild .dvc/offline-plots/ (vega for `dvc plots` offline) from npm
+	python .dvc/offline-plots/build.py
+
 # The ablation study (ablations.yaml) as named DVC experiments, then its report.
 # SET="k=v ..." adds overrides to every run; JOBS=N uses DVC's queue with N workers instead of
 # running one after another (the default, right for two cores); FORCE=1 re-runs existing ones.

@@ -14,7 +14,15 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ("stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore")
+PROJECT_FILES = (
+    "stages",
+    "params.yaml",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvc/offline-plots",  # the HTML template .dvc/config names for `dvc plots`
+    ".dvcignore",
+    ".gitignore",
+)
 SMALL = {  # a shrunk config: seconds per stage instead of a minute
     "preprocess.train_size": 3000,
     "preprocess.test_size": 1000,
