@@ -1,0 +1,68 @@
+"""Fail if a rerun's test accuracy moved from the committed one by more than a tolerance.
+
+`make check-repro` runs `dvc repro --force` and then this script (not a DVC stage). It compares
+metrics/evaluate.json in the workspace with the one committed at git HEAD, as DVC reports them.
+
+Why a tolerance and not equality: on one machine a rerun is bit-identical (tests/test_determinism.py),
+but another CPU (SIMD width, oneDNN kernels) or TensorFlow build sums float32 values in another order.
+Ten epochs of training grow those last-bit differences into a different, equally good model, much as
+another seed would.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+
+from common import PipelineError, run
+
+METRICS = "metrics/evaluate.json"
+KEY = "test_accuracy"
+# Half a percentage point (50 of the 10,000 test digits): room for the seed-like spread of another
+# machine, while a real change fails (the ablations' no-dropout variant is 0.7 points lower).
+TOLERANCE = 0.005
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", default="HEAD", help="git revision holding the committed value (HEAD)")
+    parser.add_argument(
+        "--tolerance", type=float, default=TOLERANCE, help=f"largest allowed move ({TOLERANCE})"
+    )
+    args = parser.parse_args()
+    if not 0 <= args.tolerance < 1:
+        raise PipelineError(f"--tolerance must be a number in [0, 1), got {args.tolerance}")
+    return args
+
+
+def committed_and_current(rev):
+    """(value at `rev`, value in the workspace) of KEY, read from `dvc metrics diff --json`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "metrics", "diff", rev, "--all", "--json", "--targets", METRICS],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PipelineError(f"dvc metrics diff {rev} failed: {last}")
+    entry = json.loads(proc.stdout or "{}").get(METRICS, {}).get(KEY) or {}
+    old, new = entry.get("old"), entry.get("new")
+    if old is None:
+        raise PipelineError(f"{METRICS} at {rev} has no {KEY}: commit the results of `dvc repro` first")
+    if new is None:
+        raise PipelineError(f"{METRICS} in the workspace has no {KEY}: run `dvc repro` first")
+    return old, new
+
+
+def main():
+    args = parse_args()
+    old, new = committed_and_current(args.rev)
+    moved = round(abs(new - old), 9)  # 0.9827 - 0.9777 is 0.005000000000000004 in floats
+    summary = f"{KEY} {new:.4f} (this run) vs {old:.4f} ({args.rev}): moved {moved:.4f}"
+    if moved > args.tolerance:
+        raise PipelineError(f"{summary}, more than the tolerance {args.tolerance}")
+    print(f"ok: {summary}, within the tolerance {args.tolerance}")
+
+
+if __name__ == "__main__":
+    run(main)
