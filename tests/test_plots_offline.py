@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, copy_project, run
 from PIL import Image
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 pytestmark = pytest.mark.skipif(
     not CHROMIUM, reason="chromium not installed: apt-get update && apt-get install -y chromium"
 )
