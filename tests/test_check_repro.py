@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from conftest import run
+from conftest import run, set_params
 
 TEST_DIGITS = 10_000  # accuracies below are counts of correctly classified test digits out of these
 
@@ -71,6 +71,7 @@ def test_bad_tolerance(project):
 def test_forced_rerun_reproduces(project, mirror):
     """What `make check-repro` does, small: commit a run's results, rerun every stage, compare."""
     env = {"MNIST_MIRROR": mirror}
+    set_params(project, {"train.epochs": 1})  # the pipeline runs twice: as small as it goes
     run(["dvc", "repro"], project, env=env)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "results"], project)
