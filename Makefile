@@ -28,7 +28,7 @@ test-slow: setup  ## full-size runs: the baseline reproduces ~98% test accuracy
 lint: setup
 	ruff check . && ruff format --check .
 
-# CI's check (.github/workflows/ci.yml): rerun every stage, then compare test_accuracy with git HEAD's.
+# Do the committed results reproduce? Rerun every stage, then compare test_accuracy with git HEAD's.
 # TOLERANCE=x overrides the allowed move (see stages/check_repro.py for why there is one).
 .PHONY: check-repro plots-template
 check-repro: setup  ## rerun the whole pipeline; fail if test_accuracy moved from the committed value
