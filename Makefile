@@ -3,7 +3,7 @@ VENV := .venv
 PYTHON ?= python3.11
 # Stage commands run `python` and `dvc` from .venv; TensorFlow's start-up banner would hide
 # the stage output. (No comments after these values: make would keep the spaces before them.)
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup repro test test-slow lint
@@ -38,18 +38,19 @@ check-repro: setup  ## rerun the whole pipeline; fail if test_accuracy moved fro
 plots-template: setup  ## rebuild .dvc/offline-plots/ (vega for `dvc plots` offline) from npm
 	python .dvc/offline-plots/build.py
 
-# The ablation study (ablations.yaml) as named DVC experiments, then its report.
-# SET="k=v ..." adds overrides to every run; JOBS=N uses DVC's queue with N workers instead of
-# running one after another (the default, right for two cores); FORCE=1 re-runs existing ones.
+# The ablation study (ablations.yaml): every variant at every seed as a named DVC experiment, then
+# its report. SEEDS="0 1" and ONLY=baseline,sgd narrow it; SET="k=v ..." adds overrides to every run;
+# JOBS=N runs N at once, each with cores/N training threads; FORCE=1 re-runs existing ones.
+STUDY_ARGS = $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(ONLY),--only $(ONLY))
 .PHONY: ablations report
 ablations: setup  ## run the study's experiments and write reports/ablations.md
-	python sweep/ablations.py $(if $(JOBS),--jobs $(JOBS)) $(if $(FORCE),--force) \
+	python sweep/ablations.py $(STUDY_ARGS) $(if $(JOBS),--jobs $(JOBS)) $(if $(FORCE),--force) \
 		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET) \
-		|| { python sweep/report.py; exit 1; }
-	python sweep/report.py
+		|| { python sweep/report.py $(STUDY_ARGS); exit 1; }
+	python sweep/report.py $(STUDY_ARGS)
 
-report: setup  ## reports/ablations.{md,png} from the experiments DVC has
-	python sweep/report.py
+report: setup  ## reports/ablations.{md,csv} and figures from the experiments DVC has (SEEDS, ONLY as above)
+	python sweep/report.py $(STUDY_ARGS)
 
 # The plain Keras script against the train stage, interleaved, with the machine's matmul limit:
 # benchmarks/results.{json,md}. QUICK=1 runs fewer epochs and repeats (a few minutes, not ~15).

@@ -1,38 +1,50 @@
 """Run the study of ablations.yaml as named DVC experiments: `python sweep/ablations.py [k=v ...]`.
 
-Each experiment is `dvc exp run -n <name> -S <its overrides> -S <extra k=v>` from the committed
-params.yaml, in a temporary directory (sequential, the default) or through DVC's queue
-(--jobs N). The workspace is never modified, and download and preprocess are restored from
-DVC's run cache rather than run again. An experiment that already exists with the same params
-is skipped, one with other params is replaced (--force replaces all); each is announced. A
-replaced experiment is kept as <name>-replaced until its new run succeeds, and restored if it fails.
+Each variant runs once per seed, as the experiment `<variant>-s<seed>`: `dvc exp run --temp -n <name>
+-S <its overrides> -S seed=<seed> -S <extra k=v>` from the committed params.yaml, --jobs of them at a
+time. The workspace is never modified, and download and preprocess are restored from DVC's run
+cache rather than run again. An experiment that already exists with the same params is skipped, one
+with other params is replaced (--force replaces all); each is announced. A replaced experiment is
+kept as <name>-replaced until its new run succeeds, and restored if it fails.
 Exit status 1 names every experiment that failed or got stuck.
 """
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
-from study import STUDY, committed_params, describe, dvc, experiments, fail, format_value, load_study
+from study import (
+    STUDY,
+    committed_params,
+    describe,
+    dvc,
+    experiments,
+    fail,
+    format_value,
+    load_seeds,
+    load_study,
+    parse_seeds,
+    runs,
+)
 
-POLL = 5  # seconds between looks at the queue
 KEPT = "-replaced"  # suffix of an experiment being replaced, until its new run succeeds
+LOGS = Path(".dvc/tmp/ablations")  # one log per run when several run at once (git-ignored by DVC)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
     p.add_argument("--study", default=str(STUDY), help="the study file (default %(default)s)")
-    p.add_argument("--only", help="comma-separated names: run only these")
-    p.add_argument("--jobs", type=int, default=0, help="use DVC's queue with N workers (0: sequential)")
+    p.add_argument("--seeds", help="seeds to run instead of the study's `seeds:`, e.g. '0 1' or 0,1")
+    p.add_argument("--only", help="comma-separated variant names: run only these")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/N threads (1)")
     p.add_argument("--force", action="store_true", help="re-run experiments that already exist")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take (%(default)s)")
-    p.add_argument("--stall", type=float, default=180, help="seconds the queue may idle with work left")
     return p.parse_args(argv)
 
 
@@ -42,17 +54,19 @@ def parse_overrides(items):
         key, sep, value = item.partition("=")
         if not sep or not key:
             fail(f"extra override {item!r} is not KEY=VALUE, e.g. train.epochs=1")
+        if key == "seed":
+            fail('seed is not an override: each run takes one of the seeds; use SEEDS="0 1" (--seeds 0 1)')
         overrides[key] = yaml.safe_load(value)
     return overrides
 
 
-def plan(study, extra, base, force):
-    """[(name, overrides)] to run, after printing what happens to each experiment and why."""
+def plan(todo, extra, base, force):
+    """The (name, overrides) of `todo` to run, after printing what happens to each and why."""
     existing = experiments()
-    todo = []
-    for exp in study:
-        name, overrides = exp["name"], {**exp["set"], **extra}
-        clash = {k: v for k, v in extra.items() if k in exp["set"] and exp["set"][k] != v}
+    planned = []
+    for name, own in todo:
+        overrides = {**own, **extra}
+        clash = {k: v for k, v in extra.items() if k in own and own[k] != v}
         if clash:
             print(f"warning: {name}: extra {describe(clash)} overrides the variant's own setting")
         unknown = [k for k in overrides if k not in base]
@@ -72,99 +86,63 @@ def plan(study, extra, base, force):
             print(f"replace {name}: {old['rev'][:7]} kept as {backup} until the new run succeeds ({why})")
         elif old:
             print(f"run {name}: its previous run is {old['state']}; it is cleared first")
-            dvc("queue", "remove", name, check=False)
+            dvc("exp", "remove", name, check=False)
         else:
             print(f"run {name}: {describe(overrides)}")
-        todo.append((name, overrides))
-    return todo
+        planned.append((name, overrides))
+    return planned
 
 
-def run_args(name, overrides):
+def start(name, overrides, jobs):
+    """Start one `dvc exp run --temp` in its own process group; with jobs > 1 its output goes to a log."""
     sets = [a for k, v in overrides.items() for a in ("-S", f"{k}={format_value(v)}")]
-    return ["dvc", "exp", "run", "-n", name, *sets]
+    cmd = ["dvc", "exp", "run", "--temp", "-n", name, *sets]
+    if jobs == 1:
+        return subprocess.Popen(cmd, start_new_session=True)
+    # Runs share the cores: each trains with its share of threads rather than all of them.
+    env = {**os.environ, "TRAIN_THREADS": str(max(1, len(os.sched_getaffinity(0)) // jobs))}
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with open(LOGS / f"{name}.log", "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def run_sequential(todo, timeout):
-    """One `dvc exp run --temp` after another; returns {name: problem} for the ones that failed."""
-    problems = {}
-    for i, (name, overrides) in enumerate(todo, 1):
-        print(f"\n=== [{i}/{len(todo)}] {name}", flush=True)
-        start = time.monotonic()
-        proc = subprocess.Popen([*run_args(name, overrides), "--temp"], start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)  # dvc and the stage it runs
-            proc.wait()
-            problems[name] = f"stuck: still running after {timeout:.0f} s, killed"
-            continue
-        except KeyboardInterrupt:
+def last_lines(name, jobs):
+    """The end of a run's log, to say why it failed (with jobs == 1 it is already on the terminal)."""
+    path = LOGS / f"{name}.log"
+    if jobs == 1 or not path.exists():
+        return ""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return "; " + " / ".join(lines[-2:]) + f" (log: {path})"
+
+
+def run_all(todo, jobs, timeout):
+    """Run `todo`, `jobs` runs at a time, in order; returns {name: problem} for those that failed."""
+    pending, running, problems = list(todo), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, overrides = pending.pop(0)
+                print(f"\n=== [{len(todo) - len(pending)}/{len(todo)}] {name}", flush=True)
+                running[name] = (start(name, overrides, jobs), time.monotonic())
+            time.sleep(0.5)
+            for name, (proc, began) in list(running.items()):
+                code, took = proc.poll(), time.monotonic() - began
+                if code is None and took > timeout:
+                    os.killpg(proc.pid, signal.SIGTERM)  # dvc and the stage it runs
+                    proc.wait()
+                    problems[name] = f"stuck: still running after {timeout:.0f} s, killed"
+                elif code:
+                    problems[name] = f"failed: dvc exp run exited {code}{last_lines(name, jobs)}"
+                elif code == 0:
+                    print(f"=== {name} done in {took:.0f} s", flush=True)
+                else:
+                    continue
+                del running[name]
+    except KeyboardInterrupt:
+        for proc, _ in running.values():
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
-            raise
-        if code:
-            problems[name] = f"failed: dvc exp run exited {code}"
-        else:
-            print(f"=== {name} done in {time.monotonic() - start:.0f} s", flush=True)
-    return problems
-
-
-def queue_status():
-    """({name: status}, active workers) parsed from `dvc queue status`."""
-    out = dvc("queue", "status", check=False).stdout
-    tasks = {}
-    for line in out.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 3 and fields[-1] in ("Queued", "Running", "Success", "Failed"):
-            tasks[fields[1]] = fields[-1]
-    active = re.search(r"(\d+) active", out)
-    return tasks, int(active.group(1)) if active else 0
-
-
-def run_queue(todo, jobs, timeout, stall):
-    """Queue every run, start N workers, and watch until each ends; never wait forever.
-
-    Stuck: a run going for more than `timeout` s, no task starting or ending for `timeout` s,
-    or work left but no active worker for `stall` s (DVC's known hangs all look like one of these).
-    """
-    for name, overrides in todo:
-        dvc("queue", "remove", name, check=False)  # an old task of that name would answer for it
-        dvc(*run_args(name, overrides)[1:], "--queue")
-    # The workers it spawns inherit its output: captured, that pipe would stay open until they exit.
-    subprocess.run(["dvc", "queue", "start", "--jobs", str(jobs)], stdout=subprocess.DEVNULL, check=True)
-    pending = {name for name, _ in todo}
-    problems, running_since = {}, {}
-    last, changed, idle_since = None, time.monotonic(), None
-    while pending:
-        time.sleep(POLL)
-        tasks, active = queue_status()
-        now = time.monotonic()
-        if tasks != last:
-            last, changed = tasks, now
-        for name in sorted(pending):
-            status = tasks.get(name, "missing")
-            if status == "Success":
-                print(f"=== {name} done", flush=True)
-            elif status in ("Failed", "missing"):
-                log = dvc("queue", "logs", name, check=False).stdout.strip().splitlines()[-3:]
-                problems[name] = f"failed ({status.lower()} in the queue): " + " / ".join(log)
-            elif status == "Running" and now - running_since.setdefault(name, now) > timeout:
-                dvc("queue", "kill", name, check=False)
-                problems[name] = f"stuck: running for more than {timeout:.0f} s, killed"
-            else:
-                continue
-            pending.discard(name)
-        idle_since = (idle_since or now) if pending and not active else None
-        if idle_since and now - idle_since > stall:
-            stuck = f"no active worker for {stall:.0f} s"
-        elif pending and now - changed > timeout:
-            stuck = f"no task started or ended for {timeout:.0f} s"
-        else:
-            continue
-        for name in pending:
-            problems[name] = f"stuck: {tasks.get(name, 'missing').lower()}, {stuck}; queue stopped"
-        dvc("queue", "stop", "--kill", check=False)
-        break
+        raise
     return problems
 
 
@@ -176,8 +154,7 @@ def settle_replaced(todo, problems):
         if backup not in kept:
             continue
         if name in problems:
-            dvc("queue", "remove", name, check=False)  # the failed run, so the name is free again
-            dvc("exp", "remove", name, check=False)
+            dvc("exp", "remove", name, check=False)  # the failed run, so the name is free again
             dvc("exp", "rename", backup, name)
             print(f"{name}: the new run failed; the previous one ({kept[backup]['rev'][:7]}) is kept")
         else:
@@ -187,26 +164,18 @@ def settle_replaced(todo, problems):
 def main(argv=None):
     args = parse_args(argv)
     study = load_study(args.study)
-    if args.only:
-        names = args.only.split(",")
-        unknown = set(names) - {e["name"] for e in study}
-        if unknown:
-            fail(f"--only: {', '.join(sorted(unknown))} not in {args.study}")
-        study = [e for e in study if e["name"] in names]
+    seeds = parse_seeds(args.seeds) if args.seeds else load_seeds(args.study)
+    wanted = runs(study, seeds, args.only.split(",") if args.only else None)
+    if args.jobs < 1:
+        fail(f"--jobs must be a positive number of runs at once, got {args.jobs}")
     git = ["git", "status", "--porcelain", "--", "params.yaml", "dvc.yaml", "stages"]
     dirty = subprocess.run(git, capture_output=True, text=True).stdout
     if dirty.strip():
         fail(f"uncommitted changes would leak into every experiment; commit or stash them first:\n{dirty}")
-    todo = plan(study, parse_overrides(args.set), committed_params(), args.force)
-    if args.jobs > 0:
-        # The first run alone fills the run cache, so the queued ones restore download and
-        # preprocess instead of each running them in parallel.
-        problems = run_sequential(todo[:1], args.timeout)
-        problems.update(run_queue(todo[1:], args.jobs, args.timeout, args.stall) if todo[1:] else {})
-    else:
-        problems = run_sequential(todo, args.timeout)
+    todo = plan(wanted, parse_overrides(args.set), committed_params(), args.force)
+    problems = run_all(todo, args.jobs, args.timeout)
     settle_replaced(todo, problems)
-    ran, skipped = len(todo) - len(problems), len(study) - len(todo)
+    ran, skipped = len(todo) - len(problems), len(wanted) - len(todo)
     print(f"\nablations: {ran} run, {skipped} skipped, {len(problems)} failed")
     for name, problem in problems.items():
         print(f"  {name}: {problem}")

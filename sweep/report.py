@@ -1,7 +1,8 @@
-"""Write reports/ablations.md and reports/ablations.png from the experiments DVC knows about.
+"""Write reports/ablations.{md,csv} and figures from the study's experiments in DVC.
 
-Numbers come from `dvc exp show --json`; each run's per-epoch validation loss is read at the
-experiment's commit with dvc.api. Exit status 1 if an experiment of the study is missing.
+The runs' numbers come from `dvc exp show --json` (study.experiments) into reports/ablations.csv, one
+row per run; the report is then computed from that table alone, and `--from-csv` recomputes it from
+the file. Learning curves are read at each run's commit with dvc.api. Exit status 1 if a run is missing.
 """
 
 import argparse
@@ -15,23 +16,44 @@ import matplotlib
 matplotlib.use("Agg")
 import dvc.api
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
-from study import STUDY, committed_params, describe, experiments, load_study
+from stats import BASELINE, summarize
+from study import (
+    STUDY,
+    committed_params,
+    describe,
+    experiments,
+    fail,
+    format_value,
+    load_seeds,
+    load_study,
+    parse_seeds,
+    runs,
+)
 
-VAL_LOSS = "metrics/train/plots/metrics/eval/loss.tsv"
-NOISE = 0.3  # percentage points: how far two seeds or machines may differ on test accuracy
-# our metric -> (file, key) in the experiment's metrics
-SOURCES = {
+# CSV column -> (metrics file, key): the test numbers are of the best epoch, the others of the last
+METRICS = {
+    "test_accuracy": ("metrics/evaluate.json", "test_accuracy"),
+    "test_loss": ("metrics/evaluate.json", "test_loss"),
+    "best_epoch": ("metrics/train/metrics.json", "best_epoch"),
     "loss": ("metrics/train/metrics.json", "train.loss"),
     "accuracy": ("metrics/train/metrics.json", "train.accuracy"),
     "val_loss": ("metrics/train/metrics.json", "eval.loss"),
     "val_accuracy": ("metrics/train/metrics.json", "eval.accuracy"),
-    "test_accuracy": ("metrics/evaluate.json", "test_accuracy"),
-    "test_loss": ("metrics/evaluate.json", "test_loss"),
     "train_seconds": ("metrics/train/metrics.json", "train_seconds"),
     "params": ("metrics/train/metrics.json", "params"),
-    "best_epoch": ("metrics/train/metrics.json", "best_epoch"),
 }
+CURVES = {  # per-epoch validation history, read at each run's commit
+    "loss": "metrics/train/plots/metrics/eval/loss.tsv",
+    "accuracy": "metrics/train/plots/metrics/eval/accuracy.tsv",
+}
+SEED_NOTE = (
+    "Each seed drives the train/validation split, the initial weights, dropout and the batch order, and"
+    " every variant runs at every seed, so differences from the baseline are paired by seed. The split"
+    " moves with the seed on purpose: which images are held out to pick the best epoch changes for anyone"
+    " who reruns with another seed, so the spread includes it."
+)
 
 
 def lookup(metrics, file, dotted):
@@ -41,170 +63,134 @@ def lookup(metrics, file, dotted):
     return value
 
 
-def collect(study):
-    """One dict per experiment that DVC has finished: the study entry, its numbers and its curve."""
+def collect(study, seeds, only, base):
+    """The per-run table from DVC: one row per finished run, with every param that any run overrides."""
     found, rows = experiments(), []
     for exp in study:
-        run = found.get(exp["name"])
-        if not run or run["state"] != "success":
-            continue
-        row = {**exp, "rev": run["rev"], "params_yaml": run["params"]}
-        for name, (file, key) in SOURCES.items():
-            row[name] = lookup(run["metrics"], file, key)
-        if any(row[k] is None or (isinstance(row[k], float) and math.isnan(row[k])) for k in SOURCES):
-            print(f"warning: {exp['name']} lacks a metric; left out", file=sys.stderr)
-            continue
-        tsv = dvc.api.read(VAL_LOSS, repo=".", rev=run["rev"])
-        row["curve"] = pd.read_csv(io.StringIO(tsv), sep="\t")
-        rows.append(row)
-    return rows
+        for name, overrides in runs([exp], seeds) if only is None or exp["name"] in only else []:
+            run = found.get(name)
+            if not run or run["state"] != "success":
+                continue
+            numbers = {col: lookup(run["metrics"], *source) for col, source in METRICS.items()}
+            if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in numbers.values()):
+                print(f"warning: {name} lacks a metric; left out", file=sys.stderr)
+                continue
+            row = {
+                "name": name,
+                "variant": exp["name"],
+                "seed": overrides["seed"],
+                **numbers,
+                "rev": run["rev"],
+            }
+            rows.append((row, run["params"]))
+    changed = sorted({k for _, p in rows for k, v in p.items() if k != "seed" and base.get(k) != v})
+    table = pd.DataFrame([r for r, _ in rows], columns=["name", "variant", "seed", *METRICS, "rev"])
+    for i, key in enumerate(changed):
+        table.insert(3 + i, key, [format_value(p.get(key)) for _, p in rows])
+    return table
 
 
-def extra_overrides(rows, base):
-    """Params that differ from the committed ones in every run but are no variant's own: SET=..."""
-    common = None
-    for row in rows:
-        changed = {k: v for k, v in row["params_yaml"].items() if base.get(k) != v and k not in row["set"]}
-        common = changed if common is None else {k: v for k, v in common.items() if changed.get(k) == v}
-    return common or {}
+def extra_overrides(frame, study):
+    """Param columns that no variant sets: the SET=... of every run, e.g. {train.epochs: '1'}."""
+    own = {k for exp in study for k in exp["set"]}
+    params = frame.columns[3 : frame.columns.get_loc("test_accuracy")]
+    return {k: "/".join(map(str, frame[k].unique())) for k in params if k not in own}
 
 
-def pct(x):
-    return f"{100 * x:.2f}%"
+NONE = "n/a"  # a cell that one seed cannot fill
 
 
-def pp(x):
-    return f"{100 * x:+.2f}"
+def cell(value, spec):
+    return NONE if value is None or math.isnan(value) else f"{value:{spec}}"
 
 
-def tables(rows):
-    head = (
-        "| name | change | test acc (ref) | test acc | Δ pp | test loss | train time | params | best epoch |"
-        "\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-    )
-    main = "".join(
-        f"| {r['name']} | {describe(r['set'])} | {pct(r['reference']['test_accuracy'])} | "
-        f"{pct(r['test_accuracy'])} | {pp(r['test_accuracy'] - r['reference']['test_accuracy'])} | "
-        f"{r['test_loss']:.4f} | {r['train_seconds']:.1f} s | {r['params']:,} | "
-        f"{r['best_epoch']} of {r['params_yaml']['train.epochs']} |\n"
-        for r in rows
-    )
-    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
-    head2 = "| name | " + " | ".join(f"{k} (ref) | {k} | Δ" for k in keys) + " |\n"
-    head2 += "| --- |" + " ---: |" * (3 * len(keys)) + "\n"
-    final = "".join(
-        f"| {r['name']} | "
-        + " | ".join(f"{r['reference'][k]:.4f} | {r[k]:.4f} | {r[k] - r['reference'][k]:+.4f}" for k in keys)
-        + " |\n"
-        for r in rows
-    )
-    return head + main, head2 + final
+def ci(interval, spec):
+    return NONE if interval is None else f"{interval[0]:{spec}} to {interval[1]:{spec}}"
 
 
-def direction(delta):
-    """Words for a change in test accuracy (a fraction)."""
-    if abs(delta) * 100 < NOISE:
-        return f"no real change ({pp(delta)} pp, within the ~{NOISE} pp run-to-run noise)"
-    return f"{'a gain' if delta > 0 else 'a loss'} of {abs(100 * delta):.2f} pp"
-
-
-def agreement(ours, theirs):
-    """Do our effect and the reference's (changes in test accuracy vs each baseline) agree?"""
-    small = abs(ours) * 100 < NOISE, abs(theirs) * 100 < NOISE
-    if all(small):
-        return "so both say this choice hardly matters."
-    if any(small) or (ours > 0) != (theirs > 0):
-        return "so here the two runs disagree."
-    scale = abs(ours) / abs(theirs)
-    if 0.5 <= scale <= 2:
-        return "the same effect."
-    return f"the same direction, but {scale:.2g} times {'as large' if scale > 1 else 'the size'}."
-
-
-def paragraph(row, base):
-    """What one run shows, from its numbers and those of the baseline (ours and the reference's)."""
-    ref = row["reference"]
-    gap = row["test_accuracy"] - ref["test_accuracy"]
-    text = [
-        f"**{row['name']}** ({describe(row['set'])}): {pct(row['test_accuracy'])} test accuracy against "
-        f"the reference's {pct(ref['test_accuracy'])}, "
-        + (
-            "in agreement."
-            if abs(gap) * 100 < NOISE
-            else f"{abs(100 * gap):.2f} pp {'above' if gap > 0 else 'below'} it."
-        )
+def tables(frame, summary, study):
+    refs = {exp["name"]: exp["reference"] for exp in study}
+    acc = [
+        "| variant | change | n | mean | 95% CI | sd (pp) | min | max | Δ baseline (pp, paired) "
+        "| 95% CI (pp) | published |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    if base and row is not base:
-        ours = row["test_accuracy"] - base["test_accuracy"]
-        theirs = ref["test_accuracy"] - base["reference"]["test_accuracy"]
-        text.append(f"Against our baseline it is {direction(ours)}; the reference saw {direction(theirs)}, ")
-        text[-1] += agreement(ours, theirs)
-    ratio = row["val_loss"] / row["loss"] if row["loss"] > 0 else float("inf")
-    if ratio > 2:
-        overfit = "the network fits the training set far better than it generalises"
-    elif ratio > 1.3:
-        overfit = "a moderate generalisation gap"
-    elif ratio >= 0.9:
-        overfit = "training and validation agree"
-    else:  # the training loss averages an epoch of a still-improving network, with dropout on
-        overfit = "validation is below the epoch-averaged training loss, so the run was still improving"
-    text.append(
-        f"Final-epoch validation loss {row['val_loss']:.4f} against training loss {row['loss']:.4f} "
-        f"({ratio:.1f} times): {overfit}; the reference had {ref['val_loss']:.4f} against {ref['loss']:.4f}."
-    )
-    epochs = row["params_yaml"]["train.epochs"]
-    if row["best_epoch"] < epochs:
-        text.append(
-            f"Validation loss was lowest at epoch {row['best_epoch']} of {epochs}; the test numbers come "
-            "from that checkpoint, the reference's from its last epoch."
+    for s in summary:
+        acc.append(
+            f"| {s['variant']} | {s['change']} | {s['n']} | {s['acc_mean']:.2f}% | "
+            f"{ci(s['acc_ci'], '.2f')} | {cell(s['acc_sd'], '.2f')} | {s['acc_min']:.2f}% | "
+            f"{s['acc_max']:.2f}% | {cell(s.get('diff'), '+.2f')} | {ci(s.get('diff_ci'), '+.2f')} | "
+            f"{s['published']:.2f}% |"
         )
-    cost = f"{row['params']:,} parameters, {row['train_seconds']:.0f} s of training"
-    if base and row is not base:
-        cost += f" ({row['train_seconds'] / base['train_seconds']:.1f} times the baseline)"
-    text.append(cost + ".")
-    if abs(gap) > 0.01 and row.get("known_difference"):
-        text.append(f"Known difference: {row['known_difference']}")
+    loss = ["| variant | n | mean | sd | min | max |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for s in summary:
+        loss.append(
+            f"| {s['variant']} | {s['n']} | {s['loss_mean']:.4f} | {cell(s['loss_sd'], '.4f')} | "
+            f"{s['loss_min']:.4f} | {s['loss_max']:.4f} |"
+        )
+    final = [
+        "| variant | loss (published) | accuracy (published) | val_loss (published) "
+        "| val_accuracy (published) | best epoch | train time | params |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant, group in frame.groupby("variant", sort=False):
+        ref, m = refs[variant], group.mean(numeric_only=True)
+        epochs = sorted(set(group["best_epoch"]))
+        final.append(
+            f"| {variant} | {m['loss']:.4f} ({ref['loss']:.4f}) | {100 * m['accuracy']:.2f}% "
+            f"({100 * ref['accuracy']:.2f}%) | {m['val_loss']:.4f} ({ref['val_loss']:.4f}) | "
+            f"{100 * m['val_accuracy']:.2f}% ({100 * ref['val_accuracy']:.2f}%) | "
+            f"{epochs[0]}{f' to {epochs[-1]}' if len(epochs) > 1 else ''} | {m['train_seconds']:.1f} s | "
+            f"{int(group['params'].iloc[0]):,} |"
+        )
+    return "\n".join(acc), "\n".join(loss), "\n".join(final)
+
+
+def baseline_spread(summary, frame):
+    base = next((s for s in summary if s["variant"] == BASELINE), None)
+    if base is None:
+        return "**Baseline spread:** the baseline has not run, so nothing is compared with it."
+    seeds = ", ".join(map(str, sorted(frame.loc[frame["variant"] == BASELINE, "seed"])))
+    if base["n"] < 2:
+        return (
+            f"**Baseline spread:** one seed only ({seeds}): no spread can be measured, no interval computed."
+        )
+    lo, hi = base["prediction"]
+    return (
+        f"**Baseline spread, measured:** over {base['n']} seeds ({seeds}) the baseline's test accuracy is "
+        f"{base['acc_mean']:.2f}% on average with a standard deviation of {base['acc_sd']:.2f} points, from "
+        f"{base['acc_min']:.2f}% to {base['acc_max']:.2f}%; one more baseline run would land between "
+        f"{lo:.2f}% and {hi:.2f}% (95% prediction interval)."
+    )
+
+
+def paragraph(s, exp):
+    text = [f"**{s['variant']}** ({s['change']}):"]
+    if "verdict" in s:
+        text.append(f"against the baseline, {s['verdict']}.")
+    text.append(s["placement"])
+    if abs(s["acc_mean"] - s["published"]) > 1 and exp.get("known_difference"):
+        text.append(f"Known difference: {exp['known_difference']}")
     return " ".join(text)
 
 
-def figure(rows, path):
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(14, 5))
-    x = range(len(rows))
-    bars.bar(
-        [i - 0.2 for i in x], [100 * r["reference"]["test_accuracy"] for r in rows], 0.4, label="reference"
-    )
-    bars.bar([i + 0.2 for i in x], [100 * r["test_accuracy"] for r in rows], 0.4, label="reproduced")
-    low = min(min(100 * r["test_accuracy"], 100 * r["reference"]["test_accuracy"]) for r in rows)
-    bars.set(ylim=(max(0, low - 5), 106), ylabel="test accuracy (%)", title="Test accuracy per variant")
-    bars.set_xticks(list(x), [r["name"] for r in rows], rotation=30, ha="right")
-    bars.legend(ncol=2, loc="upper center")
-    bars.grid(axis="y", alpha=0.3)
-    for r in rows:
-        curves.plot(r["curve"]["step"] + 1, r["curve"]["loss"], marker="o", ms=3, label=r["name"])
-    curves.set(
-        yscale="log", xlabel="epoch", ylabel="validation loss (log)", title="Validation loss per epoch"
-    )
-    curves.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    curves.grid(alpha=0.3)
-    curves.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def render(rows, missing, extra, figure_name):
-    base = next((r for r in rows if r["name"] == "baseline"), None)
-    main, final = tables(rows)
+def render(frame, study, missing, figures):
+    summary = summarize(frame, study)
+    acc, loss, final = tables(frame, summary, study)
     lines = [
-        "# Ablations: reproduced vs published",
+        "# Ablations: each variant over seeds, against the baseline and the published run",
         "",
-        "Generated by `make report` from the DVC experiments of this commit (`dvc exp show --json`);"
-        " the reference numbers are the published run's, kept in `ablations.yaml`."
-        " Test numbers are of the best epoch by validation loss; Δ is reproduced minus reference.",
+        "Generated by `make report` from `reports/ablations.csv` (one row per run, written from"
+        " `dvc exp show --json`); every number below is computed from that file. Accuracies are in percent,"
+        " differences in percentage points (pp), intervals at 95% from Student's t. Test numbers are of"
+        " the best epoch by validation loss; the published numbers are the single runs in `ablations.yaml`.",
+        "",
+        SEED_NOTE,
+        "",
+        baseline_spread(summary, frame),
         "",
     ]
+    extra = extra_overrides(frame, study)
     if extra:
         lines += [
             f"**Every run had extra overrides: {describe(extra)}.** These are not full-size numbers.",
@@ -212,29 +198,114 @@ def render(rows, missing, extra, figure_name):
         ]
     if missing:
         lines += [f"**Not run yet:** {', '.join(missing)} (`make ablations`).", ""]
-    lines += ["## Test set", "", main, "## Final epoch, training and validation", "", final]
-    lines += [f"![test accuracy and validation loss per variant]({figure_name})", "", "## Per variant", ""]
-    lines += [paragraph(r, base) + "\n" for r in rows]
-    return "\n".join(lines)
+    lines += ["## Test accuracy", "", acc, "", "## Test loss", "", loss, ""]
+    lines += ["## Final epoch (mean over seeds) and cost", "", final, ""]
+    lines += [f"![{alt}]({name})\n" for name, alt in figures.items()]
+    lines += ["## Per variant", ""]
+    lines += [paragraph(s, next(e for e in study if e["name"] == s["variant"])) + "\n" for s in summary]
+    return "\n".join(lines), summary
+
+
+def accuracy_figure(frame, summary, path):
+    """Per variant: one dot per seed, the mean with its CI, the published run as a star; then paired Δ."""
+    fig = plt.figure(figsize=(max(9, 1.5 * len(summary)), 8), layout="constrained")
+    top, bottom = fig.subfigures(2, 1)
+    rng = np.random.default_rng(0)  # jitter only
+    for ax, s in zip(top.subplots(1, len(summary), squeeze=False)[0], summary, strict=True):
+        acc = 100 * frame.loc[frame["variant"] == s["variant"], "test_accuracy"]
+        ax.scatter(rng.uniform(-0.15, 0.15, len(acc)), acc, s=16, alpha=0.7, label="one seed")
+        err = (
+            None
+            if s["acc_ci"] is None
+            else [[s["acc_mean"] - s["acc_ci"][0]], [s["acc_ci"][1] - s["acc_mean"]]]
+        )
+        ax.errorbar(0.5, s["acc_mean"], yerr=err, fmt="o", color="k", capsize=4, label="mean, 95% CI")
+        ax.scatter(1, s["published"], marker="*", s=140, color="C3", label="published run")
+        ax.set(xlim=(-0.5, 1.5), xticks=[], title=s["variant"])
+        ax.grid(axis="y", alpha=0.3)
+    top.axes[0].set_ylabel("test accuracy (%)")
+    top.legend(*top.axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3)
+    top.suptitle("Test accuracy per variant (each panel has its own scale)")
+    ax = bottom.subplots()
+    base = frame[frame["variant"] == BASELINE].set_index("seed")["test_accuracy"]
+    others = [s for s in summary if "diff" in s]
+    for y, s in enumerate(others):
+        runs = frame[frame["variant"] == s["variant"]].set_index("seed")["test_accuracy"]
+        diffs = (100 * (runs - base)).dropna()
+        ax.scatter(diffs, y + rng.uniform(-0.12, 0.12, len(diffs)), s=16, alpha=0.7, color="C0")
+        err = None if s["diff_ci"] is None else [[s["diff"] - s["diff_ci"][0]], [s["diff_ci"][1] - s["diff"]]]
+        ax.errorbar(s["diff"], y + 0.3, xerr=err, fmt="o", color="k", capsize=4)
+        ax.scatter(s["published_diff"], y - 0.3, marker="*", s=140, color="C3")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_xscale("symlog", linthresh=1)  # tenths of a point and tens of points on one axis
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
+    ax.invert_yaxis()  # study order, top down
+    ax.set_yticks(range(len(others)), [s["variant"] for s in others])
+    ax.set(
+        xlabel="test accuracy minus the baseline's at the same seed (pp; linear within ±1, log beyond)",
+        title="Difference from the baseline, paired by seed: one dot per seed, mean with 95% CI;"
+        " star: the published runs' difference",
+    )
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(frame, path):
+    """Validation loss and accuracy per epoch: the mean across seeds, with the seeds' range as a band."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), layout="constrained")
+    for (key, tsv), ax in zip(CURVES.items(), axes, strict=True):
+        for i, (variant, group) in enumerate(frame.groupby("variant", sort=False)):
+            per_seed = [
+                pd.read_csv(io.StringIO(dvc.api.read(tsv, repo=".", rev=rev)), sep="\t")
+                for rev in group["rev"]
+            ]
+            table = pd.concat([c.set_index("step")[key] for c in per_seed], axis=1)
+            scale = 100 if key == "accuracy" else 1
+            epochs = table.index + 1
+            ax.plot(epochs, scale * table.mean(axis=1), marker="o", ms=3, color=f"C{i}", label=variant)
+            ax.fill_between(
+                epochs, scale * table.min(axis=1), scale * table.max(axis=1), color=f"C{i}", alpha=0.2
+            )
+        ax.set(xlabel="epoch", title=f"Validation {key} per epoch: mean over seeds, band from min to max")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set(yscale="log", ylabel="validation loss (log)")
+    axes[1].set(ylabel="validation accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--study", default=str(STUDY))
-    p.add_argument("--out", default="reports", help="folder for ablations.md and ablations.png")
+    p.add_argument("--seeds", help="the seeds to report instead of the study's, e.g. '0 1' or 0,1")
+    p.add_argument("--only", help="comma-separated variant names: report only these")
+    p.add_argument("--out", default="reports", help="folder for the report, CSV and figures")
+    p.add_argument("--from-csv", type=Path, help="recompute the report from this CSV (no curves figure)")
     args = p.parse_args(argv)
     study = load_study(args.study)
-    rows = collect(study)
-    if not rows:
-        sys.exit("error: no finished experiment of the study; run `make ablations` first")
-    done = {r["name"] for r in rows}
-    missing = [e["name"] for e in study if e["name"] not in done]
+    seeds = parse_seeds(args.seeds) if args.seeds else load_seeds(args.study)
+    only = args.only.split(",") if args.only else None
+    wanted = [name for name, _ in runs(study, seeds, only)]
     out = Path(args.out)
-    figure(rows, out / "ablations.png")
-    (out / "ablations.md").write_text(
-        render(rows, missing, extra_overrides(rows, committed_params()), "ablations.png")
-    )
-    print(f"report: {len(rows)} experiments in {out / 'ablations.md'} and {out / 'ablations.png'}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.from_csv:
+        frame = collect(study, seeds, only, committed_params())
+        if frame.empty:
+            fail("no finished run of the study; run `make ablations` first")
+        frame.to_csv(out / "ablations.csv", index=False)
+    frame = pd.read_csv(args.from_csv or out / "ablations.csv")  # the report uses the CSV's numbers only
+    missing = [name for name in wanted if name not in set(frame["name"])]
+    figures = {"ablations.png": "test accuracy per seed and paired differences from the baseline"}
+    if not args.from_csv:
+        figures["ablations_curves.png"] = "validation loss and accuracy per epoch, mean over seeds with range"
+        curves_figure(frame, out / "ablations_curves.png")
+    text, summary = render(frame, study, missing, figures)
+    accuracy_figure(frame, summary, out / "ablations.png")
+    (out / "ablations.md").write_text(text)
+    print(f"report: {len(frame)} runs in {out / 'ablations.md'}, {out / 'ablations.csv'} and the figures")
     if missing:
         print(f"error: not in DVC's experiments: {', '.join(missing)}", file=sys.stderr)
         return 1

@@ -15,12 +15,20 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
+def read_study(path):
+    """The study file: a mapping with a list under `experiments:`."""
+    try:
+        study = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"{path}: cannot read it ({e})")
+    if not isinstance(study, dict) or not isinstance(study.get("experiments"), list):
+        fail(f"{path}: needs a list under `experiments:`")
+    return study
+
+
 def load_study(path=STUDY):
     """The experiments of the study file, checked: unique names, dotted overrides, five reference numbers."""
-    try:
-        entries = yaml.safe_load(Path(path).read_text())["experiments"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        fail(f"{path}: cannot read a list under `experiments:` ({e})")
+    entries = read_study(path)["experiments"]
     seen = set()
     for i, exp in enumerate(entries):
         name = exp.get("name") if isinstance(exp, dict) else None
@@ -28,12 +36,54 @@ def load_study(path=STUDY):
             fail(f"{path}: experiment {i + 1} needs a unique name, got {name!r}")
         seen.add(name)
         exp.setdefault("set", {})
-        if not isinstance(exp["set"], dict) or not all("." in k or k == "seed" for k in exp["set"]):
+        if isinstance(exp["set"], dict) and "seed" in exp["set"]:
+            fail(f"{path}: {name}: `set` cannot hold seed; every variant runs at each of `seeds:`")
+        if not isinstance(exp["set"], dict) or not all("." in k for k in exp["set"]):
             fail(f"{path}: {name}: `set` must map dotted params to values, e.g. model.dropout: 0")
         missing = [k for k in REFERENCE_KEYS if k not in (exp.get("reference") or {})]
         if missing:
             fail(f"{path}: {name}: reference lacks {', '.join(missing)}")
     return entries
+
+
+def load_seeds(path=STUDY):
+    """The study's `seeds:` list: distinct integers in [0, 2**32), as params.yaml's seed allows."""
+    seeds = read_study(path).get("seeds")
+    if not valid_seeds(seeds):
+        fail(f"{path}: `seeds:` must list distinct integers in [0, 2**32), e.g. seeds: [0, 1, 2, 3, 4]")
+    return seeds
+
+
+def valid_seeds(seeds):
+    """Is `seeds` a non-empty list of distinct integers in [0, 2**32)?"""
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
+        return False
+    return all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)
+
+
+def parse_seeds(text):
+    """Seeds given on the command line, '0 1' or 0,1; checked as the study file's are."""
+    seeds = [int(s) if s.isdigit() else s for s in text.replace(",", " ").split()]
+    if not valid_seeds(seeds):
+        fail(f'--seeds {text!r}: give distinct integers in [0, 2**32), e.g. SEEDS="0 1"')
+    return seeds
+
+
+def runs(study, seeds, only=None):
+    """[(name, overrides)] for each variant (in study order) x seed: name f"{variant}-s{seed}",
+    overrides {**variant["set"], "seed": seed}; `only` an iterable of variant names."""
+    if only is not None:
+        only = set(only)
+        unknown = only - {exp["name"] for exp in study}
+        if unknown:
+            names = ", ".join(exp["name"] for exp in study)
+            fail(f"unknown variant {', '.join(sorted(unknown))}; the study has {names}")
+    return [
+        (f"{exp['name']}-s{seed}", {**exp["set"], "seed": seed})
+        for exp in study
+        if only is None or exp["name"] in only
+        for seed in seeds
+    ]
 
 
 def format_value(value):
