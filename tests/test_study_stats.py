@@ -1,0 +1,162 @@
+"""The ablation report's statistics on hand-made tables whose answers are worked out here, and runs()."""
+
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "sweep"))
+from stats import summarize, verdict
+from study import runs
+
+T4 = 2.7764451051977987  # Student's t, 97.5% quantile, 4 degrees of freedom (printed tables: 2.776)
+T1 = 12.706204736174704  # the same with 1 degree of freedom (tables: 12.706)
+BASE = [98.00, 98.10, 97.90, 98.20, 97.80]  # baseline test accuracy (%) at seeds 0..4
+STUDY = [
+    {"name": "baseline", "set": {}, "reference": {"test_accuracy": 0.9802}},
+    {"name": "wide", "set": {"model.hidden_units": 2048}, "reference": {"test_accuracy": 0.9770}},
+]
+
+
+def frame(diffs, base=BASE):
+    """A per-run table: the baseline at `base` and "wide" at base + diffs (points), seed by seed."""
+    rows = [("baseline", s, a) for s, a in enumerate(base)]
+    rows += [("wide", s, a + d) for s, (a, d) in enumerate(zip(base, diffs, strict=False))]
+    return pd.DataFrame(
+        [
+            {"name": f"{v}-s{s}", "variant": v, "seed": s, "test_accuracy": a / 100, "test_loss": 0.07}
+            for v, s, a in rows
+        ]
+    )
+
+
+def by_name(summary):
+    return {row["variant"]: row for row in summary}
+
+
+def test_paired_difference_and_its_interval():
+    # Differences -0.3, -0.5, -0.4, -0.6, -0.2: mean -0.4, squared deviations sum to 0.10, so the
+    # sample variance is 0.10 / 4 and the standard error sqrt(0.025 / 5).
+    wide = by_name(summarize(frame([-0.3, -0.5, -0.4, -0.6, -0.2]), STUDY))["wide"]
+    half = T4 * math.sqrt(0.025 / 5)
+    assert wide["pairs"] == 5
+    assert wide["diff"] == pytest.approx(-0.4)
+    assert wide["diff_ci"] == pytest.approx((-0.4 - half, -0.4 + half))
+    assert wide["verdict"] == "worse by 0.40 points (95% CI 0.20 to 0.60)"
+    # Unpaired, the same numbers would drown in the baseline's own spread (sd 0.158 points per seed,
+    # and the variant's): pairing is what makes a 0.4 point difference visible.
+    assert wide["acc_mean"] == pytest.approx(sum(BASE) / 5 - 0.4)
+
+
+def test_baseline_spread_and_prediction_interval():
+    base = by_name(summarize(frame([]), STUDY))["baseline"]
+    sd = math.sqrt(sum((a - 98.0) ** 2 for a in BASE) / 4)  # mean 98.0
+    assert (base["n"], base["acc_mean"], base["acc_sd"]) == (5, pytest.approx(98.0), pytest.approx(sd))
+    assert (base["acc_min"], base["acc_max"]) == (pytest.approx(97.8), pytest.approx(98.2))
+    assert base["acc_ci"] == pytest.approx((98.0 - T4 * sd / math.sqrt(5), 98.0 + T4 * sd / math.sqrt(5)))
+    pi = T4 * sd * math.sqrt(1 + 1 / 5)
+    assert base["prediction"] == pytest.approx((98.0 - pi, 98.0 + pi))
+    assert "verdict" not in base  # the baseline is not compared with itself
+    assert base["placement"] == (
+        f"The published 98.02% lies inside the range of the 5 seeds (97.80% to 98.20%) and inside the "
+        f"95% prediction interval for one more run ({98 - pi:.2f}% to {98 + pi:.2f}%)."
+    )
+    # "wide" at 98.40 .. 98.80 puts the published 97.70% below its range and its prediction interval.
+    wide = by_name(summarize(frame([0.5, 0.6, 0.7, 0.4, 0.9]), STUDY))["wide"]
+    assert "lies outside the range of the 5 seeds" in wide["placement"]
+    assert "and outside the 95% prediction interval" in wide["placement"]
+
+
+@pytest.mark.parametrize(
+    ("shift", "expected"),
+    [
+        (0.0, "better by 0.20 points (95% CI 0.00 to 0.40)"),  # lower bound +0.0037: just excludes zero
+        (-0.004, "no difference detected; the interval is ±0.20 points (-0.00 to +0.39)"),  # -0.0003
+    ],
+)
+def test_verdict_at_the_edge_of_zero(shift, expected):
+    # Differences 0.1, 0.3, 0.2, 0.4, 0.0 (+ shift): mean 0.2 + shift, half-width T4 * sqrt(0.025 / 5).
+    assert 0.2 - T4 * math.sqrt(0.025 / 5) == pytest.approx(0.0037, abs=1e-4)
+    wide = by_name(summarize(frame([d + shift for d in (0.1, 0.3, 0.2, 0.4, 0.0)]), STUDY))["wide"]
+    assert wide["verdict"] == expected
+
+
+def test_verdict_wording():
+    assert verdict(0.2, (0.0, 0.4)) == "no difference detected; the interval is ±0.20 points (+0.00 to +0.40)"
+    assert verdict(-0.2, (-0.4, 0.0)).startswith("no difference detected; the interval is ±0.20 points")
+    assert verdict(-0.41, (-0.60, -0.22)) == "worse by 0.41 points (95% CI 0.22 to 0.60)"
+    assert verdict(0.3, None) == "+0.30 points on one seed; no interval can be computed from a single pair"
+
+
+def test_two_seeds_use_one_degree_of_freedom():
+    wide = by_name(summarize(frame([-1.0, -2.0], base=[98.0, 97.0]), STUDY))["wide"]
+    half = T1 * math.sqrt(0.5) / math.sqrt(2)  # differences -1, -2: sd sqrt(0.5)
+    assert wide["diff_ci"] == pytest.approx((-1.5 - half, -1.5 + half))
+    assert wide["verdict"].startswith("no difference detected")
+
+
+def test_one_seed_gives_a_report_without_intervals(tmp_path):
+    """n = 1 end to end: report.py --from-csv writes the report, saying no interval can be computed."""
+    study = yaml.safe_load((ROOT / "ablations.yaml").read_text())
+    study["experiments"] = [e for e in study["experiments"] if e["name"] in ("baseline", "no-dropout")]
+    (tmp_path / "ablations.yaml").write_text(yaml.safe_dump(study))
+    numbers = {"best_epoch": 3, "loss": 0.02, "accuracy": 0.99, "val_loss": 0.08, "val_accuracy": 0.98}
+    numbers |= {"train_seconds": 40.0, "params": 669706, "rev": "0" * 40}
+    pd.DataFrame(
+        [
+            {"name": "baseline-s0", "variant": "baseline", "seed": 0, "model.dropout": "0.2"}
+            | {"test_accuracy": 0.9811, "test_loss": 0.0712, **numbers},
+            {"name": "no-dropout-s0", "variant": "no-dropout", "seed": 0, "model.dropout": "0"}
+            | {"test_accuracy": 0.9789, "test_loss": 0.0790, **numbers},
+        ]
+    ).to_csv(tmp_path / "runs.csv", index=False)
+    cmd = [sys.executable, ROOT / "sweep/report.py", "--from-csv", "runs.csv", "--seeds", "0", "--out", "out"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "out/ablations.md").read_text()
+    assert "one seed only (0): no spread can be measured, no interval computed" in text
+    assert "| baseline | none | 1 | 98.11% | n/a | n/a | 98.11% | 98.11% | n/a | n/a | 98.02% |" in text
+    assert (
+        "| no-dropout | model.dropout=0 | 1 | 97.89% | n/a | n/a | 97.89% | 97.89% | -0.22 | n/a | 97.57% |"
+        in text
+    )
+    assert "-0.22 points on one seed; no interval can be computed from a single pair" in text
+    assert "one seed gives no range and no prediction interval" in text
+    assert "extra overrides" not in text  # model.dropout is the variant's own
+    assert "nan" not in text.lower()
+    assert (tmp_path / "out/ablations.png").stat().st_size > 10_000
+
+
+def test_runs_names_overrides_and_order():
+    study = [{"name": "baseline", "set": {}}, {"name": "sgd", "set": {"train.optimizer": "sgd"}}]
+    assert runs(study, [0, 1]) == [
+        ("baseline-s0", {"seed": 0}),
+        ("baseline-s1", {"seed": 1}),
+        ("sgd-s0", {"train.optimizer": "sgd", "seed": 0}),
+        ("sgd-s1", {"train.optimizer": "sgd", "seed": 1}),
+    ]
+    assert runs(study, [3], only=["sgd"]) == [("sgd-s3", {"train.optimizer": "sgd", "seed": 3})]
+    with pytest.raises(SystemExit, match=r"^error: unknown variant sdg; the study has baseline, sgd$"):
+        runs(study, [0], only={"sdg"})
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [
+        ("", "`seeds:` must list distinct integers"),
+        ("seeds: [0, 0]\n", "`seeds:` must list distinct integers"),
+        ("seeds: [0, -1]\n", "`seeds:` must list distinct integers"),
+    ],
+)
+def test_study_seeds_are_checked(tmp_path, seeds, message):
+    study = yaml.safe_load((ROOT / "ablations.yaml").read_text())
+    study.pop("seeds")
+    (tmp_path / "a.yaml").write_text(seeds + yaml.safe_dump(study))
+    cmd = [sys.executable, ROOT / "sweep/ablations.py", "--study", "a.yaml"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: a.yaml: " + message) and proc.stderr.count("\n") == 1
