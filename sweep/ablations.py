@@ -111,8 +111,10 @@ def last_lines(name, jobs):
     path = LOGS / f"{name}.log"
     if jobs == 1 or not path.exists():
         return ""
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return "; " + " / ".join(lines[-2:]) + f" (log: {path})"
+    lines = list(
+        dict.fromkeys(line for line in path.read_text(errors="replace").splitlines() if line.strip())
+    )
+    return "; " + " / ".join(lines[-2:]) + f" (log: {path})"  # DVC repeats its last line
 
 
 def run_all(todo, jobs, timeout):
