@@ -7,10 +7,9 @@ centre of mass in a 28x28 frame), so that the model sees what it was trained on.
 
 import argparse
 import json
-import os
 import sys
 
-from common import CLASS_NAMES, MODEL_FILE, PipelineError, load_params, load_split, require, run
+from common import CLASS_NAMES, MODEL_FILE, PipelineError, import_keras, load_params, load_split, require, run
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -77,9 +76,7 @@ def load(path):
 
 def classify(digits, divisor):
     """Class probabilities [N, classes] of 28x28 uint8 digits, shaped for the model's own input."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # most of TensorFlow's start-up banner
-    import keras
-
+    keras = import_keras()  # without TensorFlow's start-up banner
     model = keras.saving.load_model(MODEL_FILE, safe_mode=True)
     x = np.stack(digits).astype("float32") / np.float32(divisor)
     x = x.reshape(len(x), *model.input_shape[1:])  # (784,) for the MLP, (28, 28, 1) for a CNN
