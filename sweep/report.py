@@ -22,7 +22,6 @@ from stats import BASELINE, summarize
 from study import (
     STUDY,
     committed_params,
-    describe,
     experiments,
     fail,
     format_value,
@@ -90,11 +89,18 @@ def collect(study, seeds, only, base):
     return table
 
 
+def read_runs(path):
+    """The per-run CSV with param columns as written (false, null: as -S takes them), numbers as numbers."""
+    header = pd.read_csv(path, nrows=0).columns
+    text = {col: str for col in header if col not in METRICS and col != "seed"}
+    return pd.read_csv(path, dtype=text, keep_default_na=False)
+
+
 def extra_overrides(frame, study):
-    """Param columns that no variant sets: the SET=... of every run, e.g. {train.epochs: '1'}."""
+    """The param columns that no variant sets, i.e. SET=... on every run: "train.epochs=1" or ""."""
     own = {k for exp in study for k in exp["set"]}
     params = frame.columns[3 : frame.columns.get_loc("test_accuracy")]
-    return {k: "/".join(map(str, frame[k].unique())) for k in params if k not in own}
+    return ", ".join(f"{k}={'/'.join(frame[k].unique())}" for k in params if k not in own)
 
 
 NONE = "n/a"  # a cell that one seed cannot fill
@@ -193,7 +199,7 @@ def render(frame, study, missing, figures):
     extra = extra_overrides(frame, study)
     if extra:
         lines += [
-            f"**Every run had extra overrides: {describe(extra)}.** These are not full-size numbers.",
+            f"**Every run had extra overrides: {extra}.** These are not full-size numbers.",
             "",
         ]
     if missing:
@@ -232,20 +238,24 @@ def accuracy_figure(frame, summary, path):
     for y, s in enumerate(others):
         runs = frame[frame["variant"] == s["variant"]].set_index("seed")["test_accuracy"]
         diffs = (100 * (runs - base)).dropna()
-        ax.scatter(diffs, y + rng.uniform(-0.12, 0.12, len(diffs)), s=16, alpha=0.7, color="C0")
+        ax.scatter(
+            diffs, y + rng.uniform(-0.1, 0.1, len(diffs)), s=16, alpha=0.7, color="C0", label="one seed"
+        )
         err = None if s["diff_ci"] is None else [[s["diff"] - s["diff_ci"][0]], [s["diff_ci"][1] - s["diff"]]]
-        ax.errorbar(s["diff"], y + 0.3, xerr=err, fmt="o", color="k", capsize=4)
-        ax.scatter(s["published_diff"], y - 0.3, marker="*", s=140, color="C3")
+        ax.errorbar(s["diff"], y + 0.25, xerr=err, fmt="o", color="k", capsize=4, label="mean, 95% CI")
+        ax.scatter(s["published_diff"], y - 0.25, marker="*", s=140, color="C3", label="published runs' Δ")
     ax.axvline(0, color="grey", lw=1)
     ax.set_xscale("symlog", linthresh=1)  # tenths of a point and tens of points on one axis
     ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
-    ax.invert_yaxis()  # study order, top down
     ax.set_yticks(range(len(others)), [s["variant"] for s in others])
+    ax.set_ylim(len(others) - 0.5, -0.5)  # study order, top down
     ax.set(
         xlabel="test accuracy minus the baseline's at the same seed (pp; linear within ±1, log beyond)",
-        title="Difference from the baseline, paired by seed: one dot per seed, mean with 95% CI;"
-        " star: the published runs' difference",
+        title="Difference from the baseline, paired by seed",
     )
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one entry per kind, not per variant
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -267,10 +277,13 @@ def curves_figure(frame, path):
             ax.fill_between(
                 epochs, scale * table.min(axis=1), scale * table.max(axis=1), color=f"C{i}", alpha=0.2
             )
-        ax.set(xlabel="epoch", title=f"Validation {key} per epoch: mean over seeds, band from min to max")
+        ax.set(xlabel="epoch", title=f"Validation {key}: mean over seeds, band from min to max")
+        ax.set_xlim(0.5, epochs.max() + 0.5)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set(yscale="log", ylabel="validation loss (log)")
+    axes[0].yaxis.set_major_formatter(lambda v, _: f"{v:g}")
+    axes[0].yaxis.set_minor_formatter(lambda v, _: f"{v:g}")
     axes[1].set(ylabel="validation accuracy (%)")
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=100)
@@ -296,7 +309,7 @@ def main(argv=None):
         if frame.empty:
             fail("no finished run of the study; run `make ablations` first")
         frame.to_csv(out / "ablations.csv", index=False)
-    frame = pd.read_csv(args.from_csv or out / "ablations.csv")  # the report uses the CSV's numbers only
+    frame = read_runs(args.from_csv or out / "ablations.csv")  # the report uses the CSV's numbers only
     missing = [name for name in wanted if name not in set(frame["name"])]
     figures = {"ablations.png": "test accuracy per seed and paired differences from the baseline"}
     if not args.from_csv:
