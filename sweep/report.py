@@ -65,23 +65,17 @@ def lookup(metrics, file, dotted):
 def collect(study, seeds, only, base):
     """The per-run table from DVC: one row per finished run, with every param that any run overrides."""
     found, rows = experiments(), []
-    for exp in study:
-        for name, overrides in runs([exp], seeds) if only is None or exp["name"] in only else []:
-            run = found.get(name)
-            if not run or run["state"] != "success":
-                continue
-            numbers = {col: lookup(run["metrics"], *source) for col, source in METRICS.items()}
-            if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in numbers.values()):
-                print(f"warning: {name} lacks a metric; left out", file=sys.stderr)
-                continue
-            row = {
-                "name": name,
-                "variant": exp["name"],
-                "seed": overrides["seed"],
-                **numbers,
-                "rev": run["rev"],
-            }
-            rows.append((row, run["params"]))
+    for name, overrides in runs(study, seeds, only):
+        run = found.get(name)
+        if not run or run["state"] != "success":
+            continue
+        numbers = {col: lookup(run["metrics"], *source) for col, source in METRICS.items()}
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in numbers.values()):
+            print(f"warning: {name} lacks a metric; left out", file=sys.stderr)
+            continue
+        variant = name.rsplit("-s", 1)[0]  # runs() names them <variant>-s<seed>
+        row = {"name": name, "variant": variant, "seed": overrides["seed"], **numbers, "rev": run["rev"]}
+        rows.append((row, run["params"]))
     changed = sorted({k for _, p in rows for k, v in p.items() if k != "seed" and base.get(k) != v})
     table = pd.DataFrame([r for r, _ in rows], columns=["name", "variant", "seed", *METRICS, "rev"])
     for i, key in enumerate(changed):
