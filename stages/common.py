@@ -38,6 +38,21 @@ ACTIVATIONS = (
 )
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "nadam", "adamax", "adagrad", "adadelta", "lion")
 PRECISIONS = ("float32", "mixed_bfloat16")
+CLASS_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion-mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+}
 
 
 class PipelineError(Exception):
@@ -69,6 +84,7 @@ def _one_of(choices):
 SCHEMA = {
     # NumPy's legacy seeding (which Keras calls) accepts only [0, 2**32).
     "seed": (lambda v: _int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "data": {"dataset": _one_of(("mnist", "fashion-mnist"))},
     "preprocess": {
         "normalize": (lambda v: isinstance(v, bool), "true or false"),
         "validation_split": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
