@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import MODEL_FILE, atomic_path, load_split, require, run, write_json
+from common import CLASS_NAMES, MODEL_FILE, atomic_path, load_params, load_split, require, run, write_json
 
 METRICS = Path("metrics/evaluate.json")
 PER_CLASS = Path("metrics/per_class.csv")
@@ -22,8 +22,8 @@ def predict(x, divisor):
     return model.predict(x, batch_size=1000, verbose=0)
 
 
-def per_class(confusion):
-    """Precision, recall and F1 of each digit from a confusion matrix (rows: true, columns: predicted)."""
+def per_class(confusion, names):
+    """Precision, recall and F1 of each class from a confusion matrix (rows: true, columns: predicted)."""
     tp = np.diag(confusion).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.nan_to_num(tp / confusion.sum(axis=0))
@@ -31,7 +31,8 @@ def per_class(confusion):
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     return pd.DataFrame(
         {
-            "digit": range(len(tp)),
+            "digit": range(len(tp)),  # the class index, whatever the dataset
+            "name": names,
             "precision": precision,
             "recall": recall,
             "f1": f1,
@@ -46,6 +47,7 @@ def write_csv(path, frame, **kwargs):
 
 
 def main():
+    names = CLASS_NAMES[load_params("data")["data"]["dataset"]]
     x, y, divisor = load_split("test")
     probs = predict(x, divisor)
     predicted = probs.argmax(axis=1)
@@ -55,7 +57,7 @@ def main():
     classes = probs.shape[1]
     confusion = np.zeros((classes, classes), int)
     np.add.at(confusion, (y, predicted), 1)
-    scores = per_class(confusion)
+    scores = per_class(confusion, names)
     write_json(
         METRICS,
         {
