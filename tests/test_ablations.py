@@ -19,10 +19,10 @@ def readme_commands():
     return [line.replace(".venv/bin/", "") for line in block.splitlines() if line.strip()]
 
 
-def sweep(project, *args, mirror, check=True):
+def sweep(project, *args, env, check=True):
     """Run the sweep; its output and DVC's, as one string (check=False: it must fail)."""
     cmd = [sys.executable, "sweep/ablations.py", *args]
-    proc = run(cmd, project, check=check, env={"MNIST_MIRROR": mirror})
+    proc = run(cmd, project, check=check, env=env)
     assert check or proc.returncode == 1
     return proc.stdout + proc.stderr
 
@@ -52,10 +52,10 @@ def study_project(project):
     return project
 
 
-def test_sweep_report_rerun_and_readme_commands(study_project, mirror):
+def test_sweep_report_rerun_and_readme_commands(study_project, synthetic_env):
     project = study_project
     params_before = (project / "params.yaml").read_text()
-    out = sweep(project, "train.epochs=1", mirror=mirror)
+    out = sweep(project, "train.epochs=1", env=synthetic_env)
     assert "ablations: 2 run, 0 skipped, 0 failed" in out
     assert "Stage 'preprocess' is cached - skipping run" in out  # the second run restores it
     assert (project / "params.yaml").read_text() == params_before  # runs never touch the workspace
@@ -86,17 +86,17 @@ def test_sweep_report_rerun_and_readme_commands(study_project, mirror):
         assert f"**{name}**" in report
 
     # Re-running: same params are skipped, changed ones replaced; never a second experiment.
-    again = sweep(project, "train.epochs=1", mirror=mirror)
+    again = sweep(project, "train.epochs=1", env=synthetic_env)
     assert "skip baseline" in again and "skip no-dropout" in again
     assert "ablations: 0 run, 2 skipped, 0 failed" in again
     old = run(["dvc", "exp", "list", "--name-only"], project).stdout.split()
-    replaced = sweep(project, "--only", "no-dropout", "train.epochs=2", mirror=mirror)
+    replaced = sweep(project, "--only", "no-dropout", "train.epochs=2", env=synthetic_env)
     assert "replace no-dropout" in replaced and "train.epochs 1 -> 2" in replaced
     names = run(["dvc", "exp", "list", "--name-only"], project).stdout.split()
     assert sorted(names) == sorted(old) == sorted(VARIANTS)
     assert exps(project)["no-dropout"][0]["train"]["epochs"] == 2
     # A replacement that fails keeps the previous run under its name.
-    failed = sweep(project, "--only", "no-dropout", "train.batch_size=0", mirror=mirror, check=False)
+    failed = sweep(project, "--only", "no-dropout", "train.batch_size=0", env=synthetic_env, check=False)
     assert "train.batch_size must be a positive integer, got 0" in failed
     assert "no-dropout: the new run failed; the previous one" in failed
     assert sorted(run(["dvc", "exp", "list", "--name-only"], project).stdout.split()) == sorted(VARIANTS)

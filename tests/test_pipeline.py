@@ -41,8 +41,8 @@ def experiments(show):
     return found
 
 
-def test_repro_then_experiment(project, mirror):
-    env = {"MNIST_MIRROR": mirror, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def test_repro_then_experiment(project, synthetic_env):
+    env = {**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     # 1. the whole pipeline, in order
     first = run(["dvc", "repro"], project, env=env)
@@ -65,7 +65,7 @@ def test_repro_then_experiment(project, mirror):
     assert json.loads(status.stdout) == {}, status.stdout
 
     # the mirror is no param: pointing it elsewhere (here a file:// URL) changes nothing
-    url = Path(mirror).as_uri() if "://" not in mirror else mirror
+    url = Path(env["MNIST_MIRROR"]).as_uri()
     third = run(["dvc", "repro"], project, env={**env, "MNIST_MIRROR": url})
     assert ran(third.stdout) == [], third.stdout
 
