@@ -34,14 +34,20 @@ REAL_MNIST_HELP = (
     "needs the real MNIST digits: set MNIST_MIRROR to a directory or URL holding its four .gz files, "
     "put a copy at ../shared/mnist beside the repository, or run `make repro` once (it fills data/raw)"
 )
-# the SHA-256 of MNIST's smallest payload (t10k-labels): tells a real MNIST copy from other IDX data
-MNIST_TEST_LABELS = "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"
+
+
+def pinned(dataset):
+    """{file name: SHA-256} pinned in stages/checksums for `dataset`."""
+    text = (ROOT / "stages" / "checksums" / f"{dataset}.sha256").read_text()
+    return dict(line.split()[::-1] for line in text.splitlines())
 
 
 def is_mnist(directory):
+    """Whether `directory` holds the real MNIST, judged by its smallest file (t10k-labels)."""
     labels = Path(directory) / "t10k-labels-idx1-ubyte.gz"
     try:
-        return hashlib.sha256(gzip.decompress(labels.read_bytes())).hexdigest() == MNIST_TEST_LABELS
+        digest = hashlib.sha256(gzip.decompress(labels.read_bytes())).hexdigest()
+        return digest == pinned("mnist")["t10k-labels-idx1-ubyte"]
     except (OSError, EOFError, gzip.BadGzipFile):
         return False
 
