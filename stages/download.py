@@ -1,10 +1,13 @@
-"""Stage download: fetch the four MNIST IDX files into data/raw, keeping them only once verified."""
+"""Stage download: fetch the dataset's four IDX files into data/raw, keeping them only once verified."""
 
 import gzip
 import hashlib
 import http.client
+import math
 import os
+import re
 import shutil
+import struct
 import tempfile
 import time
 import urllib.error
@@ -12,25 +15,35 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from common import PipelineError, atomic_path, run
+from common import PipelineError, atomic_path, load_params, run
 
 from tqdm import tqdm
 
 OUT = Path("data/raw")
-# SHA-256 and size of each decompressed payload: the published values, so they verify any
-# mirror however it gzipped the files.
-FILES = {
-    "train-images-idx3-ubyte": ("ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47040016),
-    "train-labels-idx1-ubyte": ("65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60008),
-    "t10k-images-idx3-ubyte": ("0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7840016),
-    "t10k-labels-idx1-ubyte": ("ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10008),
+FILES = {  # each decompressed payload's size: both datasets hold 60,000 + 10,000 images of 28x28
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
 }
-PUBLIC_MIRRORS = (  # HTTPS first; the original host last, it often refuses downloads
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-)
-HINT = "set MNIST_MIRROR to a URL or directory holding the four .gz files"
+# The published SHA-256 of each decompressed payload, in sha256sum format: they verify any mirror,
+# however it gzipped the files. <PREFIX>_SHA256SUMS names another such file (your own IDX data).
+CHECKSUMS = Path(__file__).parent / "checksums"  # <dataset>.sha256
+PUBLIC_MIRRORS = {  # HTTPS first
+    "mnist": (
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "http://yann.lecun.com/exdb/mnist/",  # the original host last: it often refuses downloads
+    ),
+    "fashion-mnist": (
+        "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",  # Keras's copy
+        "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",  # the authors'
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",  # torchvision's
+    ),
+}
+# Without pinned sizes, a payload may hold only what its IDX header declares, and no header more
+# than this: what bounds the disk a wrong mirror can fill.
+MAX_PAYLOAD = 1 << 30
 
 
 def env_number(name, default, cast, minimum, allowed):
@@ -43,17 +56,49 @@ def env_number(name, default, cast, minimum, allowed):
     return value
 
 
-def sources():
-    """The mirror base URLs to try, in order: MNIST_MIRROR alone if it is set."""
-    mirror = os.environ.get("MNIST_MIRROR", "").strip()
+def prefix(dataset):
+    """MNIST or FASHION_MNIST: how the dataset's environment variables begin."""
+    return dataset.upper().replace("-", "_")
+
+
+def hint(dataset):
+    return f"set {prefix(dataset)}_MIRROR to a URL or directory holding the four .gz files"
+
+
+def sources(dataset):
+    """The mirror base URLs to try, in order: <PREFIX>_MIRROR alone if it is set."""
+    var = f"{prefix(dataset)}_MIRROR"
+    mirror = os.environ.get(var, "").strip()
     if not mirror:
-        return list(PUBLIC_MIRRORS)
+        return list(PUBLIC_MIRRORS[dataset])
     if "://" not in mirror:
         path = Path(mirror).expanduser().resolve()
         if not path.is_dir():
-            raise PipelineError(f"MNIST_MIRROR={mirror}: no such directory; {HINT}")
+            raise PipelineError(f"{var}={mirror}: no such directory; {hint(dataset)}")
         mirror = path.as_uri()
     return [mirror.rstrip("/") + "/"]
+
+
+def expected(dataset):
+    """{name: (SHA-256, size)} to verify: the pinned values, or <PREFIX>_SHA256SUMS's with no size."""
+    var = f"{prefix(dataset)}_SHA256SUMS"
+    path = os.environ.get(var, "").strip()
+    where = f"{var}={path}" if path else f"{CHECKSUMS / dataset}.sha256"
+    try:
+        lines = Path(path or where).expanduser().read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{where}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    listed = {}
+    for number, line in enumerate(lines, 1):
+        digest, _, name = line.strip().partition(" ")
+        if not line.strip():
+            continue
+        if not (re.fullmatch(r"[0-9a-fA-F]{64}", digest) and name.strip()):
+            raise PipelineError(f"{where}: line {number} is not `<sha256>  <file name>`: {line!r}")
+        listed[name.strip().lstrip("*").removesuffix(".gz")] = digest.lower()
+    if missing := [name for name in FILES if name not in listed]:
+        raise PipelineError(f"{where}: no SHA-256 for {', '.join(missing)}")
+    return {name: (listed[name], None if path else size) for name, size in FILES.items()}
 
 
 def fetch(url, dest, limit, timeout):
@@ -76,12 +121,27 @@ def fetch(url, dest, limit, timeout):
         raise ConnectionError(f"truncated: got {received} of {size} bytes")
 
 
-def verify(path, name):
-    """Check the decompressed payload's size and SHA-256 against the pinned values."""
-    digest, size = FILES[name]
+def idx_size(header):
+    """The payload size an IDX header of unsigned bytes declares: magic 0, 0, 8, ndim; each dimension."""
+    if len(header) < 4 or header[:3] != b"\0\0\x08" or len(header) != 4 + 4 * header[3]:
+        raise ValueError("not an IDX file of unsigned bytes")
+    size = len(header) + math.prod(struct.unpack(f">{header[3]}I", header[4:]))
+    if size > MAX_PAYLOAD:
+        raise ValueError(f"its IDX header declares {size} bytes, more than the {MAX_PAYLOAD} allowed")
+    return size
+
+
+def verify(path, digest, size=None):
+    """Check the decompressed payload's SHA-256, and its size: `size`, or what its IDX header declares."""
     sha, n = hashlib.sha256(), 0
     try:
         with gzip.open(path) as f:
+            if size is None:
+                header = f.read(4)
+                header += f.read(4 * header[3]) if len(header) == 4 else b""
+                size = idx_size(header)
+                sha.update(header)
+                n = len(header)
             while chunk := f.read(1 << 20):
                 n += len(chunk)
                 if n > size:
@@ -97,16 +157,18 @@ def verify(path, name):
         raise ValueError("checksum mismatch: the payload is corrupt")
 
 
-def download(name, dest, bases, timeout, retries):
-    """Try each mirror in turn; retry transient failures, move on at once from bad content."""
+def download(name, pin, dest, bases, timeout, retries):
+    """Fetch name.gz into dest, verified against pin (SHA-256, size or None); try each mirror in turn,
+    retry transient failures, move on at once from bad content."""
+    digest, size = pin
     failures = []
-    limit = FILES[name][1] + FILES[name][1] // 100 + 65536  # gzip never grows data by more
+    limit = (size or MAX_PAYLOAD) * 101 // 100 + 65536  # gzip never grows data by more
     for base in bases:
         url = f"{base}{name}.gz"
         for attempt in range(retries + 1):
             try:
                 fetch(url, dest, limit, timeout)
-                verify(dest, name)
+                verify(dest, digest, size)
                 return
             except urllib.error.HTTPError as e:
                 reason, transient = f"HTTP {e.code}", e.code >= 500
@@ -119,21 +181,26 @@ def download(name, dest, bases, timeout, retries):
                 failures.append(f"{url}: {reason}")
                 break
             time.sleep(min(2**attempt, 10) * 0.5)
-    raise PipelineError(f"could not get {name}.gz; tried " + "; ".join(failures) + f". {HINT}")
+    raise PipelineError(f"could not get {name}.gz; tried " + "; ".join(failures))
 
 
 def main():
+    dataset = load_params("data")["data"]["dataset"]
+    var = prefix(dataset)
     # seconds a mirror may stay silent (0 would mean non-blocking sockets, so at least 1 ms)
-    timeout = env_number("MNIST_TIMEOUT", 30, float, 0.001, "a positive number of seconds")
-    retries = env_number("MNIST_RETRIES", 2, int, 0, "a non-negative integer")
-    bases = sources()
+    timeout = env_number(f"{var}_TIMEOUT", 30, float, 0.001, "a positive number of seconds")
+    retries = env_number(f"{var}_RETRIES", 2, int, 0, "a non-negative integer")
+    bases, pins = sources(dataset), expected(dataset)
     with tempfile.TemporaryDirectory() as scratch, atomic_path(OUT) as staged:
         staged.mkdir()
-        for name in FILES:
+        for name, pin in pins.items():
             dest = Path(scratch) / f"{name}.gz"
-            download(name, dest, bases, timeout, retries)
+            try:
+                download(name, pin, dest, bases, timeout, retries)
+            except PipelineError as e:
+                raise PipelineError(f"{e}. {hint(dataset)}") from None
             shutil.move(dest, staged / dest.name)  # only verified files ever reach data/
-    print(f"download: {len(FILES)} files verified in {OUT}")
+    print(f"download: {len(pins)} {dataset} files verified in {OUT}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,17 @@
 
 from pathlib import Path
 
-from common import MODEL_FILE, atomic_path, import_keras, load_split, require, run, write_json
+from common import (
+    CLASS_NAMES,
+    MODEL_FILE,
+    atomic_path,
+    import_keras,
+    load_params,
+    load_split,
+    require,
+    run,
+    write_json,
+)
 
 import numpy as np
 import pandas as pd
@@ -21,8 +31,8 @@ def predict(x, divisor):
     return model.predict(x, batch_size=len(x), verbose=0)  # the whole split in one compiled call
 
 
-def per_class(confusion):
-    """Precision, recall and F1 of each digit from a confusion matrix (rows: true, columns: predicted)."""
+def per_class(confusion, names):
+    """Precision, recall and F1 of each class from a confusion matrix (rows: true, columns: predicted)."""
     tp = np.diag(confusion).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.nan_to_num(tp / confusion.sum(axis=0))
@@ -30,7 +40,8 @@ def per_class(confusion):
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     return pd.DataFrame(
         {
-            "digit": range(len(tp)),
+            "digit": range(len(tp)),  # the class index, whatever the dataset
+            "name": names,
             "precision": precision,
             "recall": recall,
             "f1": f1,
@@ -45,6 +56,7 @@ def write_csv(path, frame, **kwargs):
 
 
 def main():
+    names = CLASS_NAMES[load_params("data")["data"]["dataset"]]
     x, y, divisor = load_split("test")
     probs = predict(x, divisor)
     predicted = probs.argmax(axis=1)
@@ -54,7 +66,7 @@ def main():
     classes = probs.shape[1]
     confusion = np.zeros((classes, classes), int)
     np.add.at(confusion, (y, predicted), 1)
-    scores = per_class(confusion)
+    scores = per_class(confusion, names)
     write_json(
         METRICS,
         {

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from common import PipelineError, atomic_path, load_params, load_split, require, run
+from common import CLASS_NAMES, PipelineError, atomic_path, load_params, load_split, require, run
 
 import matplotlib
 
@@ -35,7 +35,7 @@ def learning_curves(path):
     save(fig, path)
 
 
-def confusion_heatmap(path):
+def confusion_heatmap(path, names):
     matrix = read_evaluation("confusion_matrix.csv").to_numpy()
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(matrix, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)))
@@ -55,8 +55,12 @@ def confusion_heatmap(path):
         ylabel="true",
         xticks=range(len(matrix)),
         yticks=range(len(matrix)),
+        xticklabels=names,
+        yticklabels=names,
         title=f"test confusion matrix ({np.trace(matrix)} of {matrix.sum()} right)",
     )
+    if max(map(len, names)) > 2:  # names, not digits: slanted so that they do not overlap
+        plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
     fig.colorbar(im, ax=ax)
     save(fig, path)
 
@@ -75,7 +79,7 @@ def digit_grid(path, images, titles, suptitle):
 
 
 def digit_values(path, image, label):
-    """One digit drawn large with each pixel's value written on it."""
+    """One image drawn large with each pixel's value written on it."""
     fig, ax = plt.subplots(figsize=(12, 12))
     ax.imshow(image, cmap="gray")
     threshold = image.max() / 2.5  # dark pixels get white text, light ones black
@@ -83,7 +87,7 @@ def digit_values(path, image, label):
         ax.text(
             j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v < threshold else "black"
         )
-    ax.set_title(f"training digit, label {label}: raw pixel values")
+    ax.set_title(f"training image, label {label}: raw pixel values")
     ax.axis("off")
     save(fig, path)
 
@@ -95,7 +99,8 @@ def save(fig, path):
 
 
 def main():
-    p = load_params("plot")["plot"]
+    params = load_params("data", "plot")
+    names, p = CLASS_NAMES[params["data"]["dataset"]], params["plot"]
     x, y, _ = load_split("train")
     x_test, _, _ = load_split("test")
     if p["digit_index"] >= len(x):
@@ -104,15 +109,15 @@ def main():
     with atomic_path(OUT) as out:
         out.mkdir()
         learning_curves(out / "learning_curves.png")
-        confusion_heatmap(out / "confusion_matrix.png")
+        confusion_heatmap(out / "confusion_matrix.png", names)
         n = min(p["samples"], len(x))
-        digit_grid(out / "samples.png", x[:n], [f"label {v}" for v in y[:n]], "training digits")
-        digit_values(out / "digit.png", x[p["digit_index"]], y[p["digit_index"]])
+        digit_grid(out / "samples.png", x[:n], [f"label {names[v]}" for v in y[:n]], "training images")
+        digit_values(out / "digit.png", x[p["digit_index"]], names[y[p["digit_index"]]])
         digit_grid(
             out / "misclassified.png",
             x_test[wrong["index"]],
-            [f"true {a}, pred {b}" for a, b in zip(wrong.actual, wrong.predicted, strict=True)],
-            f"misclassified test digits (first {len(wrong)})",
+            [f"true {names[a]}\npred {names[b]}" for a, b in zip(wrong.actual, wrong.predicted, strict=True)],
+            f"misclassified test images (first {len(wrong)})",
         )
     print(f"plot: 5 figures in {OUT}")
 

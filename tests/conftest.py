@@ -1,9 +1,15 @@
 """Fixtures: throw-away copies of the project, each with its own git and DVC state.
 
-The data comes from a local MNIST mirror (MNIST_MIRROR, or ../shared/mnist beside the repo as
-on CI and the team's machines); tests never contact a public host.
+The data comes from small synthetic MNIST and Fashion-MNIST mirrors in the same IDX format
+(tests/synthetic_idx.py), verified through the code's own override of the pinned checksums
+(MNIST_SHA256SUMS, FASHION_MNIST_SHA256SUMS), so the suite needs no copy of the real data.
+Only the tests that need the real digits use `mirror`: MNIST_MIRROR, ../shared/mnist beside the
+repo (as on CI and the team's machines), or the repo's own data/raw after `make repro`.
+Tests never contact a public host.
 """
 
+import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -12,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from synthetic_idx import write_mirror
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = (
@@ -31,17 +38,58 @@ SMALL = {  # a shrunk config: seconds per stage instead of a minute
 }
 
 
+REAL_MNIST_HELP = (
+    "needs the real MNIST digits: set MNIST_MIRROR to a directory or URL holding its four .gz files, "
+    "put a copy at ../shared/mnist beside the repository, or run `make repro` once (it fills data/raw)"
+)
+
+
+def pinned(dataset):
+    """{file name: SHA-256} pinned in stages/checksums for `dataset`."""
+    text = (ROOT / "stages" / "checksums" / f"{dataset}.sha256").read_text()
+    return dict(line.split()[::-1] for line in text.splitlines())
+
+
+def is_mnist(directory):
+    """Whether `directory` holds the real MNIST, judged by its smallest file (t10k-labels)."""
+    labels = Path(directory) / "t10k-labels-idx1-ubyte.gz"
+    try:
+        digest = hashlib.sha256(gzip.decompress(labels.read_bytes())).hexdigest()
+        return digest == pinned("mnist")["t10k-labels-idx1-ubyte"]
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return False
+
+
 def find_mirror():
-    mirror = os.environ.get("MNIST_MIRROR") or str(ROOT.parent / "shared" / "mnist")
-    return mirror if "://" in mirror or Path(mirror).is_dir() else None
+    """The first real MNIST copy of: MNIST_MIRROR, ../shared/mnist, the repo's data/raw; else None."""
+    given = os.environ.get("MNIST_MIRROR", "").strip()
+    if "://" in given:
+        return given
+    for candidate in (given, ROOT.parent / "shared" / "mnist", ROOT / "data" / "raw"):
+        if candidate and is_mnist(candidate):
+            return str(Path(candidate).resolve())
+    return None
 
 
 @pytest.fixture(scope="session")
 def mirror():
+    """A real MNIST mirror (a directory or URL), for the few tests whose assertions need the real digits."""
     found = find_mirror()
     if not found:
-        pytest.skip("no local MNIST mirror: set MNIST_MIRROR to a directory holding the four .gz files")
-    return found if "://" in found else str(Path(found).resolve())
+        pytest.skip(REAL_MNIST_HELP)
+    return found
+
+
+@pytest.fixture(scope="session")
+def synthetic_env(tmp_path_factory):
+    """The environment that points download at small synthetic MNIST and Fashion-MNIST mirrors,
+    with each mirror's SHA256SUMS in place of the pinned checksums: the real code path, no real data."""
+    env = {}
+    for seed, (dataset, prefix) in enumerate((("mnist", "MNIST"), ("fashion-mnist", "FASHION_MNIST"))):
+        directory = write_mirror(tmp_path_factory.mktemp(dataset), dataset, seed=10 * seed)
+        env[f"{prefix}_MIRROR"] = str(directory)
+        env[f"{prefix}_SHA256SUMS"] = str(directory / "SHA256SUMS")
+    return env
 
 
 def run(args, cwd, check=True, env=None, **kwargs):
@@ -105,12 +153,13 @@ def project(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def raw_data(mirror, tmp_path_factory):
-    """data/raw downloaded once per session through the real download stage."""
+def raw_data(synthetic_env, tmp_path_factory):
+    """Synthetic MNIST's data/raw, downloaded once per session through the real download stage."""
     work = tmp_path_factory.mktemp("download")
     shutil.copytree(ROOT / "stages", work / "stages")
     shutil.copy2(ROOT / "params.yaml", work / "params.yaml")
-    run_stage("download", work, env={"MNIST_MIRROR": mirror})
+    set_params(work, {"data.dataset": "mnist"})
+    run_stage("download", work, env=synthetic_env)
     return work / "data" / "raw"
 
 

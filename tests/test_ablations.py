@@ -44,10 +44,10 @@ def found(project):
         os.chdir(old)
 
 
-def make(project, *args, mirror, check=True):
+def make(project, *args, env, check=True):
     """`make` in the project with this checkout's .venv (never a new one); output as one string."""
     cmd = ["make", "--no-print-directory", *args, f"VENV={ROOT / '.venv'}"]
-    proc = run(cmd, project, check=check, env={"MNIST_MIRROR": mirror})
+    proc = run(cmd, project, check=check, env=env)
     return proc.stdout + proc.stderr
 
 
@@ -69,11 +69,11 @@ def study_project(project):
     return project
 
 
-def test_make_ablations_and_report_match_dvc(study_project, mirror):
+def test_make_ablations_and_report_match_dvc(study_project, synthetic_env):
     project = study_project
     params_before = (project / "params.yaml").read_text()
     out = make(
-        project, "ablations", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1", mirror=mirror
+        project, "ablations", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1", env=synthetic_env
     )
     assert "ablations: 4 run, 0 skipped, 0 failed" in out
     assert "Stage 'preprocess' is cached - skipping run" in out  # each seed's split is made once
@@ -124,10 +124,10 @@ def test_make_ablations_and_report_match_dvc(study_project, mirror):
 
     # Re-running skips what exists; `make report` alone gives the same report.
     again = make(
-        project, "ablations", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1", mirror=mirror
+        project, "ablations", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1", env=synthetic_env
     )
     assert "ablations: 0 run, 4 skipped, 0 failed" in again
-    make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", mirror=mirror)
+    make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", env=synthetic_env)
     assert (project / "reports/ablations.md").read_text() == report
 
     # The README's commands, exactly as written (bar the .venv/bin/ prefix).

@@ -68,9 +68,9 @@ def test_bad_tolerance(project):
     assert (proc.returncode, proc.stderr) == (1, "error: --tolerance must be a number in [0, 1), got -0.1\n")
 
 
-def test_forced_rerun_reproduces(project, mirror):
+def test_forced_rerun_reproduces(project, synthetic_env):
     """What `make check-repro` does, small: commit a run's results, rerun every stage, compare."""
-    env = {"MNIST_MIRROR": mirror}
+    env = synthetic_env
     set_params(project, {"train.epochs": 1})  # the pipeline runs twice: as small as it goes
     run(["dvc", "repro"], project, env=env)
     run(["git", "add", "-A"], project)

@@ -1,17 +1,18 @@
 """Stage download against a real HTTP server on 127.0.0.1 that misbehaves on request.
 
-Small synthetic payloads replace the four MNIST files (download.FILES is monkeypatched), so
-every case takes well under a second. Several mirrors are paths on the same server
-(/m1/, /m2/, ...): the tests give download() a list of bases, or set download.PUBLIC_MIRRORS,
-which is the list the stage tries when MNIST_MIRROR is unset. MNIST_MIRROR itself stays one
-location, never the internet. Offline checks of verify() and sources() are in
-test_download_verify.py.
+Small synthetic payloads replace the four MNIST files (download.FILES and download.expected are
+monkeypatched), so every case takes well under a second. Several mirrors are paths on the same
+server (/m1/, /m2/, ...): the tests give download() a list of bases, or set
+download.PUBLIC_MIRRORS["mnist"], the list the stage tries when MNIST_MIRROR is unset.
+MNIST_MIRROR itself stays one location, never the internet. Offline checks of verify() and
+sources() are in test_download_verify.py.
 """
 
 import gzip
 import hashlib
 import http.server
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from pathlib import Path
 from common import PipelineError
 
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, run, set_params
 
 import download
 
@@ -104,11 +105,12 @@ def server():
 
 @pytest.fixture
 def web(server, monkeypatch):
-    """The server with no routes yet, and download.FILES replaced by the small synthetic payloads."""
+    """The server with no routes yet, and the pinned files replaced by the small synthetic payloads."""
     server.routes.clear()
     server.hits.clear()
     server.sent.clear()
-    monkeypatch.setattr(download, "FILES", FAKE_FILES)
+    monkeypatch.setattr(download, "FILES", {name: size for name, (_, size) in FAKE_FILES.items()})
+    monkeypatch.setattr(download, "expected", lambda dataset: FAKE_FILES)
     return server
 
 
@@ -123,7 +125,8 @@ def get(server, tmp_path, mirrors, name="file0", timeout=2, retries=1):
     """download() one synthetic file from the given mirrors; return the seconds it took."""
     start = time.perf_counter()
     dest = tmp_path / f"{name}.gz"
-    download.download(name, dest, [server.url(m) for m in mirrors], timeout=timeout, retries=retries)
+    bases = [server.url(m) for m in mirrors]
+    download.download(name, FAKE_FILES[name], dest, bases, timeout=timeout, retries=retries)
     assert gzip.decompress(dest.read_bytes()) == PAYLOADS[name]
     return time.perf_counter() - start
 
@@ -220,14 +223,14 @@ def test_no_mirror_reachable_lists_every_source_and_the_hint(web, tmp_path):
     bases = [refused, web.url("m2"), web.url("m3")]  # refused, server error, not found
     start = time.perf_counter()
     with pytest.raises(PipelineError) as e:
-        download.download("file0", tmp_path / "file0.gz", bases, timeout=1, retries=1)
+        download.download("file0", FAKE_FILES["file0"], tmp_path / "file0.gz", bases, timeout=1, retries=1)
     message = str(e.value)
     assert time.perf_counter() - start < 5  # two retries in all, half a second each
     assert message.startswith("could not get file0.gz; tried ")
     for base in bases:
         assert f"{base}file0.gz: " in message
     assert "HTTP 503" in message and "HTTP 404" in message and "refused" in message.lower()
-    assert message.endswith("set MNIST_MIRROR to a URL or directory holding the four .gz files")
+    assert message.endswith(f"{web.url('m3')}file0.gz: HTTP 404")  # main() adds the hint
     assert "\n" not in message
 
 
@@ -241,7 +244,8 @@ def stage_dir(web, tmp_path, monkeypatch):
     monkeypatch.delenv("MNIST_MIRROR", raising=False)
     monkeypatch.setenv("MNIST_TIMEOUT", "1")
     monkeypatch.setenv("MNIST_RETRIES", "0")
-    monkeypatch.setattr(download, "PUBLIC_MIRRORS", (web.url("m1"), web.url("m2")))
+    monkeypatch.setitem(download.PUBLIC_MIRRORS, "mnist", (web.url("m1"), web.url("m2")))
+    (tmp_path / "params.yaml").write_text("data:\n  dataset: mnist\n")
     return tmp_path
 
 
@@ -272,7 +276,7 @@ def test_stage_keeps_the_previous_download_when_a_new_one_fails(web, stage_dir):
     raw.mkdir(parents=True)
     for name, data in GOOD.items():
         (raw / f"{name}.gz").write_bytes(data)
-    with pytest.raises(PipelineError, match=r"could not get file0\.gz"):
+    with pytest.raises(PipelineError, match=r"could not get file0\.gz.*set MNIST_MIRROR to a URL"):
         download.main()  # every route is a 404
     assert files_under(stage_dir / "data") == ["raw", "raw/file0.gz", "raw/file1.gz"]
     assert all((raw / f"{name}.gz").read_bytes() == data for name, data in GOOD.items())
@@ -303,6 +307,8 @@ def stage_copy(tmp_path):
     (work / "stages").mkdir(parents=True)
     for name in ("common.py", "download.py"):
         (work / "stages" / name).write_bytes((ROOT / "stages" / name).read_bytes())
+    shutil.copytree(ROOT / "stages" / "checksums", work / "stages" / "checksums")
+    shutil.copy2(ROOT / "params.yaml", work / "params.yaml")
     return work
 
 
@@ -318,6 +324,24 @@ def test_process_with_unreachable_mirror_fails_in_one_line(web, tmp_path):
         "set MNIST_MIRROR to a URL or directory holding the four .gz files"
     ]
     assert files_under(work / "data") == []
+
+
+def test_process_fetches_fashion_mnist_from_its_own_mirror_variable(web, tmp_path):
+    """data.dataset picks the files' checksums and the mirror variable; MNIST_MIRROR is not consulted."""
+    work = stage_copy(tmp_path)
+    set_params(work, {"data.dataset": "fashion-mnist"})
+    env = {
+        "MNIST_MIRROR": web.url("mnist"),
+        "FASHION_MNIST_MIRROR": web.url("fashion"),
+        "FASHION_MNIST_RETRIES": "0",
+    }
+    proc = run([sys.executable, "stages/download.py"], work, check=False, env=env)
+    url = f"{web.url('fashion')}train-images-idx3-ubyte.gz"
+    assert proc.stderr.strip().splitlines() == [
+        f"error: could not get train-images-idx3-ubyte.gz; tried {url}: HTTP 404. "
+        "set FASHION_MNIST_MIRROR to a URL or directory holding the four .gz files"
+    ]
+    assert web.hits == {"/fashion/train-images-idx3-ubyte.gz": 1}
 
 
 def test_process_terminated_mid_download_leaves_nothing(web, tmp_path):

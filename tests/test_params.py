@@ -23,6 +23,7 @@ NO_TF = (
 )
 STAGE_OF = {
     "seed": "preprocess",
+    "data": "download",
     "preprocess": "preprocess",
     "model": "train",
     "train": "train",
@@ -88,6 +89,8 @@ BAD_VALUES = [  # (key, bad value, what the message must say besides "<key> must
     ("seed", 2**32, f"an integer in [0, 2**32), got {2**32}"),
     ("train.precision", "float16", "got 'float16' (did you mean float32?)"),
     ("plot.samples", 0, "a positive integer, got 0"),
+    ("data.dataset", "fashion", "one of mnist, fashion-mnist, got 'fashion' (did you mean fashion-mnist?)"),
+    ("data.dataset", "MNIST", "one of mnist, fashion-mnist, got 'MNIST'"),
 ]
 
 
@@ -99,7 +102,7 @@ def test_bad_value_names_key_value_and_what_is_allowed(tmp_path, key, value, exp
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
     set_params(tmp_path, {key: value})
     with pytest.raises(PipelineError) as e:
-        load_params("seed", "preprocess", "model", "train", "plot", path=tmp_path / "params.yaml")
+        load_params("seed", "data", "preprocess", "model", "train", "plot", path=tmp_path / "params.yaml")
     message = str(e.value)
     assert message.startswith(f"{tmp_path / 'params.yaml'}: {key} must be "), message
     assert message.endswith(expected), message
@@ -182,4 +185,4 @@ def test_missing_params_file(workdir):
 
 
 def test_the_committed_params_are_valid():
-    assert load_params("seed", "preprocess", "model", "train", "plot", path=ROOT / "params.yaml")
+    assert load_params("seed", "data", "preprocess", "model", "train", "plot", path=ROOT / "params.yaml")

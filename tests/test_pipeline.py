@@ -1,9 +1,13 @@
 """End to end under DVC, in a throw-away copy of the project with its own git and DVC state."""
 
+import gzip
 import hashlib
 import json
 from pathlib import Path
 
+from common import CLASS_NAMES
+
+import pandas as pd
 from conftest import SMALL, run, set_params
 
 STAGES = ("download", "preprocess", "train", "evaluate", "plot")
@@ -17,11 +21,12 @@ def ran(output):
 
 def not_run(output):
     """The stages DVC skipped as unchanged or restored from its run-cache."""
+    skipped = ("didn't change, skipping", "is cached - skipping run", "Restored stage")
     return {
         s
         for line in output.splitlines()
         for s in STAGES
-        if f"'{s}'" in line and ("didn't change, skipping" in line or line.startswith("Restored stage"))
+        if f"'{s}'" in line and any(w in line for w in skipped)
     }
 
 
@@ -41,8 +46,8 @@ def experiments(show):
     return found
 
 
-def test_repro_then_experiment(project, mirror):
-    env = {"MNIST_MIRROR": mirror, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def test_repro_then_experiment(project, synthetic_env):
+    env = {**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     # 1. the whole pipeline, in order
     first = run(["dvc", "repro"], project, env=env)
@@ -65,7 +70,7 @@ def test_repro_then_experiment(project, mirror):
     assert json.loads(status.stdout) == {}, status.stdout
 
     # the mirror is no param: pointing it elsewhere (here a file:// URL) changes nothing
-    url = Path(mirror).as_uri() if "://" not in mirror else mirror
+    url = Path(env["MNIST_MIRROR"]).as_uri()
     third = run(["dvc", "repro"], project, env={**env, "MNIST_MIRROR": url})
     assert ran(third.stdout) == [], third.stdout
 
@@ -118,3 +123,45 @@ def test_repro_then_experiment(project, mirror):
     )
     base_metrics = baseline["data"]["metrics"]["metrics/evaluate.json"]["data"]
     assert base_metrics["test_accuracy"] == evaluate["test_accuracy"]
+
+
+def raw_payloads(project):
+    """{file name: SHA-256 of its decompressed payload} of data/raw."""
+    return {
+        p.name.removesuffix(".gz"): hashlib.sha256(gzip.decompress(p.read_bytes())).hexdigest()
+        for p in (project / "data" / "raw").glob("*.gz")
+    }
+
+
+def listed(sums_file):
+    return dict(line.split()[::-1] for line in Path(sums_file).read_text().splitlines())
+
+
+def test_switching_dataset_reruns_from_download_and_switching_back_restores(project, synthetic_env):
+    env = {**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = run(["dvc", "repro"], project, env=env)
+    assert ran(first.stdout) == list(STAGES), first.stdout
+    assert raw_payloads(project) == listed(env["MNIST_SHA256SUMS"])
+    mnist_metrics = (project / "metrics" / "evaluate.json").read_text()
+
+    set_params(project, {"data.dataset": "fashion-mnist"})
+    fashion = run(["dvc", "repro"], project, env=env)
+    assert ran(fashion.stdout) == list(STAGES), fashion.stdout
+    assert raw_payloads(project) == listed(env["FASHION_MNIST_SHA256SUMS"])
+    per_class = pd.read_csv(project / "metrics" / "per_class.csv")
+    assert list(per_class["name"]) == list(CLASS_NAMES["fashion-mnist"])
+    assert 0.5 < json.loads((project / "metrics" / "evaluate.json").read_text())["test_accuracy"] <= 1
+
+    # Back to MNIST: download and preprocess come from DVC's run-cache (the mirror now points
+    # nowhere, so a download that ran would fail). DVC keeps no run-cache for stages with
+    # `cache: false` outputs other than metrics and plots, so train, evaluate and plot run again,
+    # and being deterministic they give the first run's metrics to the last digit.
+    set_params(project, {"data.dataset": "mnist"})
+    back = run(["dvc", "repro"], project, env={**env, "MNIST_MIRROR": str(project / "no-mirror")})
+    assert ran(back.stdout) == ["train", "evaluate", "plot"], back.stdout
+    assert not_run(back.stdout) == {"download", "preprocess"}, back.stdout
+    assert raw_payloads(project) == listed(env["MNIST_SHA256SUMS"])
+    assert (project / "metrics" / "evaluate.json").read_text() == mnist_metrics
+    per_class = pd.read_csv(project / "metrics" / "per_class.csv")
+    assert list(per_class["name"].astype(str)) == list(CLASS_NAMES["mnist"])
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}

@@ -47,11 +47,11 @@ def cache(work):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, mirror):
+def repo(tmp_path_factory, synthetic_env):
     """A git + DVC project (small config) after one good `dvc repro`, committed."""
     work = copy_project(tmp_path_factory.mktemp("recovery") / "project")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    run([str(Path(sys.executable).parent / "dvc"), "repro"], work, env={"MNIST_MIRROR": mirror})
+    run([str(Path(sys.executable).parent / "dvc"), "repro"], work, env=synthetic_env)
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "good run"], work)
     assert "up to date" in dvc(["status"], work).stdout  # so a byte-identical state is an up-to-date one

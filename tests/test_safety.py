@@ -66,9 +66,13 @@ def test_stage_commands_take_no_params():
         assert stage["cmd"] == f"python stages/{name}.py"
 
 
-def test_public_mirrors_are_https_first_and_every_file_is_pinned():
-    schemes = [url.split("://")[0] for url in download.PUBLIC_MIRRORS]
-    assert schemes[0] == "https" and schemes == sorted(schemes, key=lambda s: s != "https")
-    for digest, size in download.FILES.values():
-        assert re.fullmatch(r"[0-9a-f]{64}", digest) and size > 0
+def test_public_mirrors_are_https_first_and_every_file_is_pinned(monkeypatch):
+    for dataset, mirrors in download.PUBLIC_MIRRORS.items():
+        schemes = [url.split("://")[0] for url in mirrors]
+        assert schemes[0] == "https" and schemes == sorted(schemes, key=lambda s: s != "https")
+        monkeypatch.delenv(f"{download.prefix(dataset)}_SHA256SUMS", raising=False)
+        pins = download.expected(dataset)
+        assert list(pins) == list(download.FILES)
+        for digest, size in pins.values():
+            assert re.fullmatch(r"[0-9a-f]{64}", digest) and size > 0
     assert "verify(" in SOURCES["download.py"].split("def download(")[1]  # whatever the transport

@@ -5,10 +5,15 @@ import shutil
 import struct
 import sys
 
+from common import CLASS_NAMES
+
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, SMALL, copy_project, run, run_stage, set_params
+
+import plot
 
 EPOCHS = SMALL["train.epochs"]
 UNITS = SMALL["model.hidden_units"]
@@ -127,9 +132,10 @@ def test_evaluate_per_class(done):
     work, _ = done
     predictions = pd.read_csv(work / "metrics" / "predictions.csv")
     per_class = pd.read_csv(work / "metrics" / "per_class.csv")
-    assert list(per_class.columns) == ["digit", "precision", "recall", "f1", "support"]
+    assert list(per_class.columns) == ["digit", "name", "precision", "recall", "f1", "support"]
     assert len(per_class) == 10
     assert list(per_class.digit) == list(range(10))
+    assert list(per_class["name"].astype(str)) == list(CLASS_NAMES["mnist"])
     assert list(per_class.support) == [int((predictions.actual == d).sum()) for d in range(10)]
     for d, row in per_class.iterrows():
         hits = int(((predictions.actual == d) & (predictions.predicted == d)).sum())
@@ -194,6 +200,36 @@ def test_plot_writes_exactly_the_five_figures(done):
     assert "5 figures" in out["plot"]
 
 
+def test_fashion_mnist_class_names_in_the_table_and_every_figure(done, tmp_path, monkeypatch):
+    """With data.dataset: fashion-mnist, per_class.csv and the figures' text name clothes, not digits."""
+    work, _ = done
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    set_params(copy, {"data.dataset": "fashion-mnist"})
+    names = CLASS_NAMES["fashion-mnist"]
+    run_stage("evaluate", copy)
+    assert list(pd.read_csv(copy / "metrics" / "per_class.csv")["name"]) == list(names)
+
+    texts = {}  # figure file name -> every text drawn on it (titles, tick labels)
+
+    def record(fig, path):
+        texts[path.name] = {t.get_text() for t in fig.findobj(matplotlib.text.Text)}
+        matplotlib.pyplot.close(fig)
+
+    monkeypatch.chdir(copy)
+    monkeypatch.setattr(plot, "save", record)
+    plot.main()
+    with np.load(copy / "data/prepared/train.npz") as f:
+        y = f["y"]
+    wrong = pd.read_csv(copy / "metrics" / "misclassified.csv").head(36)
+    assert len(wrong) > 0
+    assert set(names) <= texts["confusion_matrix.png"]
+    assert {f"label {names[v]}" for v in y[:25]} <= texts["samples.png"]
+    titles = {f"true {names[a]}\npred {names[b]}" for a, b in zip(wrong.actual, wrong.predicted, strict=True)}
+    assert titles <= texts["misclassified.png"]
+    assert f"training image, label {names[y[0]]}: raw pixel values" in texts["digit.png"]
+
+
 def test_digit_figure_is_large(done):
     work, _ = done
     width, height = png_size(work / "metrics" / "figures" / "digit.png")
@@ -226,9 +262,10 @@ def test_stage_imports_no_tensorflow(done, stage):
     assert not names & {"tensorflow", "keras", "jax", "torch"}, f"{stage} imports a deep-learning library"
 
 
-def test_download_imports_no_tensorflow(tmp_path, mirror):
+def test_download_imports_no_tensorflow(tmp_path, synthetic_env):
     shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    names = run_with_importtime("download", tmp_path, env={"MNIST_MIRROR": mirror})
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    names = run_with_importtime("download", tmp_path, env=synthetic_env)
     assert len(list((tmp_path / "data" / "raw").glob("*.gz"))) == 4  # it really ran
     assert "tqdm" in names
     assert not names & {"tensorflow", "keras", "jax", "torch"}
