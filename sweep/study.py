@@ -36,6 +36,18 @@ def load_study(path=STUDY):
     return entries
 
 
+def runs(study, seeds, only=None):
+    """[(name, overrides)] for each variant (in study order) x seed: name f"{variant}-s{seed}",
+    overrides {**variant["set"], "seed": seed}; `only` an iterable of variant names."""
+    only = set(only) if only is not None else None
+    return [
+        (f"{exp['name']}-s{seed}", {**exp["set"], "seed": seed})
+        for exp in study
+        if only is None or exp["name"] in only
+        for seed in seeds
+    ]
+
+
 def format_value(value):
     """A param value as DVC's -S and a reader expect it: false, null, 0.2, linear."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
