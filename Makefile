@@ -25,16 +25,31 @@ test: setup  ## the fast test suite (a few minutes)
 test-slow: setup  ## full-size runs: the baseline reproduces ~98% test accuracy
 	python -m pytest -m slow
 
+# Ray and the S3/SSH remotes for `make ablations` on a cluster, kept out of `make repro`'s .venv
+# until asked for (install on every node).
+.PHONY: setup-cluster test-cluster
+$(VENV)/.cluster-installed: $(VENV)/.installed requirements-cluster.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-cluster.txt -c requirements.txt
+	touch $@
+
+setup-cluster: $(VENV)/.cluster-installed
+
+test-cluster: setup-cluster  ## the study through a two-node local Ray cluster (a few minutes)
+	python -m pytest -m cluster
+
 lint: setup
 	ruff check . && ruff format --check .
 
 # The ablation study (ablations.yaml) as named DVC experiments, then its report.
 # SET="k=v ..." adds overrides to every run; JOBS=N uses DVC's queue with N workers instead of
 # running one after another (the default, right for two cores); FORCE=1 re-runs existing ones.
+# With RAY_ADDRESS set, one Ray task per run instead (`make setup-cluster` first; CPUS=N per run).
 .PHONY: ablations report
 ablations: setup  ## run the study's experiments and write reports/ablations.md
+	$(if $(RAY_ADDRESS),python sweep/cluster.py $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(ONLY),--only $(ONLY)) \
+		$(if $(CPUS),--cpus $(CPUS)) $(if $(FORCE),--force) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET), \
 	python sweep/ablations.py $(if $(JOBS),--jobs $(JOBS)) $(if $(FORCE),--force) \
-		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET) \
+		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET)) \
 		|| { python sweep/report.py; exit 1; }
 	python sweep/report.py
 

@@ -93,7 +93,7 @@ def check_dvc_remote(url=None):
         sh(["dvc", "remote", "add", "--local", "--force", "--default", "study", url], "dvc remote add")
     remote = dvc_config("core.remote")
     if not remote:
-        fail("no DVC remote: `dvc remote add -d NAME URL` (committed) or pass --dvc-remote URL")
+        fail("no DVC remote: `dvc remote add -d NAME URL` (add --local to keep it out of git)")
     # Lists the remote's top level with its own config and credentials: a missing path, bucket or
     # host fails here. A shared path not mounted on this node counts as missing, not as new.
     sh(["dvc", "ls-url", f"remote://{remote}/"], f"DVC remote {remote} unreachable", timeout=CHECK_TIMEOUT)

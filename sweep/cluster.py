@@ -1,0 +1,176 @@
+"""Run the study on a Ray cluster: `RAY_ADDRESS=HOST:PORT python sweep/cluster.py [k=v ...]`.
+
+One Ray task per experiment (variant x seed), each running sweep/worker.py in a fresh clone on
+whichever node has the CPUs free; a task whose node dies is retried on another. The workers
+publish to the git remote `origin` and the default DVC remote, so this machine only schedules
+and, at the end, collects every run with `dvc exp pull origin`. Credentials reach the tasks
+through the environment, from the allow-list FORWARD only. Exit status 1 names every failed run.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import ray
+import yaml
+from ablations import parse_overrides
+from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from study import STUDY, committed_params, fail, format_value, load_study, runs
+from tqdm import tqdm
+from worker import check_dvc_remote, dvc_remote_url
+
+# Environment variables a task receives: cloud credentials, the git SSH command, the MNIST
+# mirror, TensorFlow's log level. Nothing else of this shell, and never a file of the repository.
+FORWARD = re.compile(r"AWS_\w+|AZURE_\w+|GOOGLE_APPLICATION_CREDENTIALS|GIT_SSH_COMMAND|MNIST_\w+|TF_CPP_\w+")
+SWEEP = Path(__file__).resolve().parent
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
+    p.add_argument("--study", default=str(STUDY), help="the study file (default %(default)s)")
+    p.add_argument("--only", help="comma-separated variant names: run only these")
+    p.add_argument("--seeds", help='seeds, e.g. "0 1" (default: the study file\'s `seeds:`)')
+    p.add_argument("--cpus", type=float, default=2, help="CPUs one training uses (%(default)s)")
+    p.add_argument("--retries", type=int, default=3, help="times a run is retried when its node dies")
+    p.add_argument("--force", action="store_true", help="re-run experiments that are already published")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one `dvc exp run` may take")
+    return p.parse_args(argv)
+
+
+def git(*args):
+    proc = subprocess.run(["git", *args], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def plan(args):
+    """[(name, overrides)] of the study, after the checks that would otherwise fail every task."""
+    study = load_study(args.study)
+    names = args.only.split(",") if args.only else None
+    unknown = set(names or ()) - {e["name"] for e in study}
+    if unknown:
+        fail(f"--only: {', '.join(sorted(unknown))} not in {args.study}")
+    seeds = args.seeds or yaml.safe_load(Path(args.study).read_text()).get("seeds", [0])
+    if isinstance(seeds, str):
+        if not re.fullmatch(r"[\d,\s]+", seeds):
+            fail(f"--seeds {seeds!r}: give integers, e.g. --seeds '0 1'")
+        seeds = [int(s) for s in re.split(r"[,\s]+", seeds.strip())]
+    extra, base = parse_overrides(args.set), committed_params()
+    todo = [(name, {**overrides, **extra}) for name, overrides in runs(study, seeds, names)]
+    unknown = sorted({k for _, overrides in todo for k in overrides if k not in base})
+    if unknown:
+        fail(f"{', '.join(unknown)} not in params.yaml")
+    dirty = git("status", "--porcelain", "--", "params.yaml", "dvc.yaml", "stages", "sweep", args.study)
+    if dirty:
+        fail(f"uncommitted changes would not reach the workers; commit and push them first:\n{dirty}")
+    if git("fetch", "-q", "origin") is None:
+        fail("git remote origin is missing or unreachable: `git remote add origin URL`, then push")
+    if not git("branch", "-r", "--contains", "HEAD"):
+        fail("HEAD is not on origin, so the workers cannot clone it: `git push origin HEAD` first")
+    check_dvc_remote()
+    return todo
+
+
+@ray.remote
+def run_one(name, argv, events):
+    """The task: sweep/worker.py (shipped as the job's working_dir) in a subprocess; its result dict."""
+    events.put((name, ray.util.get_node_ip_address()))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "worker.py", name, *argv, "--result", str(result)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        found = json.loads(result.read_text()) if result.exists() else {}
+    return {"status": "failed", "error": f"worker exited {proc.returncode}", **found, "log": proc.stdout}
+
+
+def watch(tasks, events):
+    """Wait for every task, showing queued/running/done/failed; {name: result}."""
+    results, attempts, running = {}, Counter(), set()
+    bar = tqdm(total=len(tasks), unit="run", dynamic_ncols=True)
+
+    def show():
+        done = Counter(r["status"] for r in results.values())
+        queued = len(tasks) - len(results) - len(running)
+        bar.set_postfix_str(
+            f"queued {queued}, running {len(running)}, done {done['done'] + done['skipped']}, "
+            f"failed {done['failed']}"
+        )
+
+    while len(results) < len(tasks):
+        ready, _ = ray.wait([r for r in tasks if tasks[r] not in results], num_returns=1, timeout=1)
+        while True:
+            try:
+                name, node = events.get_nowait()
+            except Empty:
+                break
+            attempts[name] += 1
+            running.add(name)
+            again = f", attempt {attempts[name]} (its node died)" if attempts[name] > 1 else ""
+            bar.write(f"running {name} on {node}{again}")
+        for ref in ready:
+            name = tasks[ref]
+            try:
+                results[name] = ray.get(ref)
+            except ray.exceptions.RayError as e:  # out of retries, or the task could not start
+                results[name] = {"status": "failed", "error": str(e).strip().splitlines()[0], "log": ""}
+            running.discard(name)
+            result = results[name]
+            took = sum(result.get("seconds", {}).values())
+            bar.write(f"{result['status']} {name}" + (f" in {took:.0f} s" if took else ""))
+            bar.update()
+        show()
+    bar.close()
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    todo = plan(args)
+    rev, url, dvc_url = git("rev-parse", "HEAD"), git("remote", "get-url", "origin"), dvc_remote_url()
+    env = {k: v for k, v in os.environ.items() if FORWARD.fullmatch(k)}
+    try:
+        ray.init(
+            runtime_env={"working_dir": str(SWEEP), "excludes": ["__pycache__"], "env_vars": env},
+            log_to_driver=False,  # the workers' output comes back with their results
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        fail(f"cannot join the Ray cluster at {os.environ.get('RAY_ADDRESS', 'auto')}: {e}")
+    # The progress queue lives on this node, so it survives the death of any other.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    common = ["--rev", rev, "--git-remote", url, "--dvc-remote", dvc_url, "--timeout", str(args.timeout)]
+    common += ["--force"] if args.force else []
+    task = run_one.options(num_cpus=args.cpus, max_retries=args.retries)
+    start = time.monotonic()
+    tasks = {}
+    for name, overrides in todo:
+        sets = [f"{k}={format_value(v)}" for k, v in overrides.items()]
+        tasks[task.remote(name, [*common, *sets], events)] = name
+    results = watch(tasks, events)
+    failed = {n: r for n, r in results.items() if r["status"] == "failed"}
+    ray.shutdown()
+    counts = Counter(r["status"] for r in results.values())
+    print(
+        f"\ncluster: {counts['done']} run, {counts['skipped']} skipped, {len(failed)} failed "
+        f"in {time.monotonic() - start:.0f} s"
+    )
+    for name, result in failed.items():
+        tail = " / ".join(result["log"].strip().splitlines()[-3:])
+        print(f"  {name}: {result.get('error')}" + (f" ({tail})" if tail else ""))
+    # Every run that made it, from the remotes, so `make report` and `dvc exp show` see them here.
+    pulled = subprocess.run(["dvc", "exp", "pull", "origin"])
+    if pulled.returncode:
+        fail("dvc exp pull origin failed; the published runs stay on the remotes, pull them again")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
