@@ -121,7 +121,9 @@ def publish(args, seconds):
         start = time.monotonic()
         sh(["git", "clone", "-q", "--no-checkout", url, tmp], f"git clone {url}", timeout=CHECK_TIMEOUT * 5)
         os.chdir(tmp)
-        sh(["git", "checkout", "-q", "--detach", rev], f"commit {rev} is not on {url}: push it first")
+        if subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], capture_output=True).returncode:
+            fail(f"commit {rev} is not on {url}: push it first")
+        sh(["git", "checkout", "-q", "--detach", rev], f"git checkout {rev}")
         rev = sh(["git", "rev-parse", "HEAD"], "git rev-parse")
         seconds["clone"] = time.monotonic() - start
         remote = check_dvc_remote(dvc_url)
