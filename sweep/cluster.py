@@ -52,7 +52,8 @@ def git(*args):
 
 
 def plan(args):
-    """[(name, overrides)] of the study, after the checks that would otherwise fail every task."""
+    """([(name, overrides)] of the study, the extra overrides), after the checks that would
+    otherwise fail every task."""
     study = load_study(args.study)
     names = args.only.split(",") if args.only else None
     unknown = set(names or ()) - {e["name"] for e in study}
@@ -76,7 +77,7 @@ def plan(args):
     if not git("branch", "-r", "--contains", "HEAD"):
         fail("HEAD is not on origin, so the workers cannot clone it: `git push origin HEAD` first")
     check_dvc_remote()
-    return todo
+    return todo, extra
 
 
 @ray.remote
@@ -133,7 +134,7 @@ def watch(tasks, events):
 
 def main(argv=None):
     args = parse_args(argv)
-    todo = plan(args)
+    todo, extra = plan(args)
     rev, url, dvc_url = git("rev-parse", "HEAD"), git("remote", "get-url", "origin"), dvc_remote_url()
     env = {k: v for k, v in os.environ.items() if FORWARD.fullmatch(k)}
     try:
@@ -150,10 +151,9 @@ def main(argv=None):
     common += ["--force"] if args.force else []
     task = run_one.options(num_cpus=args.cpus, max_retries=args.retries)
     start = time.monotonic()
-    tasks = {}
-    for name, overrides in todo:
-        sets = [f"{k}={format_value(v)}" for k, v in overrides.items()]
-        tasks[task.remote(name, [*common, *sets], events)] = name
+    # A worker finds a run's own overrides in the study file from its name; it gets only SET's.
+    sets = [f"{k}={format_value(v)}" for k, v in extra.items()]
+    tasks = {task.remote(name, [*sets, *common], events): name for name, _ in todo}
     results = watch(tasks, events)
     failed = {n: r for n, r in results.items() if r["status"] == "failed"}
     ray.shutdown()

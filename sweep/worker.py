@@ -39,7 +39,7 @@ def parse_args(argv):
     p.add_argument("--force", action="store_true", help="run again even if it is on the remote")
     p.add_argument("--timeout", type=float, default=3600, help="seconds `dvc exp run` may take (%(default)s)")
     p.add_argument("--result", help="write {name, status, seconds of each step, error} here as JSON")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def sh(args, what, cwd=None, timeout=None):

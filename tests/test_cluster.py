@@ -209,6 +209,7 @@ def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(cluster, 
         try:
             # Kill the second node while one of its runs is training; note which runs it had.
             def training():
+                assert proc.poll() is None, log.read_text()  # the study ended before any training there
                 cmds = [cmdline(pid) for pid in session(cluster["sids"]["second"])]
                 names = [cmd[2] for cmd in cmds if cmd[1:2] == ["worker.py"]]
                 return names if any("stages/train.py" in " ".join(cmd) for cmd in cmds) else None
