@@ -162,6 +162,10 @@ def main(argv=None):
         f"\ncluster: {counts['done']} run, {counts['skipped']} skipped, {len(failed)} failed "
         f"in {time.monotonic() - start:.0f} s"
     )
+    steps = [r["seconds"] for r in results.values() if r["status"] == "done"]
+    if steps:  # what the fan-out costs a run, beside the run itself
+        means = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+        print("mean seconds per run: " + ", ".join(f"{k} {v:.1f}" for k, v in means.items()))
     for name, result in failed.items():
         tail = " / ".join(result["log"].strip().splitlines()[-3:])
         print(f"  {name}: {result.get('error')}" + (f" ({tail})" if tail else ""))

@@ -126,10 +126,12 @@ def publish(args, seconds):
         sh(["git", "checkout", "-q", "--detach", rev], f"git checkout {rev}")
         rev = sh(["git", "rev-parse", "HEAD"], "git rev-parse")
         seconds["clone"] = time.monotonic() - start
+        start = time.monotonic()
         remote = check_dvc_remote(dvc_url)
         overrides, wanted = wanted_run(args.name, args.study, extra)
         ref = f"refs/exps/{rev[:2]}/{rev[2:]}/{args.name}"
         commit, same = published(ref, wanted)
+        seconds["check"] = time.monotonic() - start
         if same and not args.force:
             print(f"skip {args.name}: on {url} with the same params ({commit[:7]})", flush=True)
             return "skipped"
