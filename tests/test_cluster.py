@@ -164,9 +164,18 @@ def published_objects(origin, store, refs):
             continue
         run(["git", "fetch", "-q", str(origin), ref], origin)
         lock = yaml.safe_load(run(["git", "show", f"{sha}:dvc.lock"], origin).stdout)
+        spec = yaml.safe_load(run(["git", "show", f"{sha}:dvc.yaml"], origin).stdout)
+        git_kept = {  # `cache: false` outputs live in git, not in the DVC remote
+            path
+            for stage in spec["stages"].values()
+            for out in stage.get("outs", []) + stage.get("metrics", [])
+            if isinstance(out, dict)
+            for path, opts in out.items()
+            if opts and opts.get("cache") is False
+        }
         for stage in lock["stages"].values():
             for out in stage.get("outs", []):
-                if "md5" not in out:
+                if out["path"] in git_kept:
                     continue
                 found.add(out["md5"])
                 if out["md5"].endswith(".dir"):
