@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -137,13 +138,20 @@ def main(argv=None):
     todo, extra = plan(args)
     rev, url, dvc_url = git("rev-parse", "HEAD"), git("remote", "get-url", "origin"), dvc_remote_url()
     env = {k: v for k, v in os.environ.items() if FORWARD.fullmatch(k)}
+    address = os.environ.get("RAY_ADDRESS", "auto")
+    host, _, port = address.rpartition(":")
+    try:  # HOST:PORT of a head that is not there: ray.init would retry it for minutes
+        if port.isdigit():
+            socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        fail(f"RAY_ADDRESS={address}: no Ray head answers there ({e}); `ray start --head` prints its address")
     try:
         ray.init(
             runtime_env={"working_dir": str(SWEEP), "excludes": ["__pycache__"], "env_vars": env},
             log_to_driver=False,  # the workers' output comes back with their results
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
-        fail(f"cannot join the Ray cluster at {os.environ.get('RAY_ADDRESS', 'auto')}: {e}")
+        fail(f"cannot join the Ray cluster at {address}: {e}")
     # The progress queue lives on this node, so it survives the death of any other.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})

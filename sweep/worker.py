@@ -14,6 +14,7 @@ other params is replaced.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ def parse_args(argv):
 
 
 def sh(args, what, cwd=None, timeout=None):
-    """Run a command quietly; its stdout, or `error: <what>: <its last line>`."""
+    """Run a command quietly; its stdout, or `error: <what>: <the line where git or DVC says why>`."""
     try:
         proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -146,7 +147,7 @@ def publish(args, seconds):
         try:
             code = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 15)  # dvc and the stage it runs, not this worker
+            os.killpg(proc.pid, signal.SIGTERM)  # dvc and the stage it runs, not this worker
             proc.wait()
             fail(f"{args.name}: dvc exp run still running after {args.timeout:.0f} s, stopped")
         if code:
@@ -155,7 +156,7 @@ def publish(args, seconds):
 
         start = time.monotonic()
         sh(["dvc", "push", "--run-cache", "-r", remote], f"dvc push to {remote}")
-        force = ["--force"] if commit else []
+        force = ["--force"] if commit else []  # over the run with other params, or --force's
         sh(
             ["dvc", "exp", "push", "--no-cache", *force, "origin", args.name],
             f"dvc exp push origin {args.name}",
