@@ -101,7 +101,7 @@ def cluster(tmp_path_factory):
         env = {"RAY_ADDRESS": f"{HEAD_IP}:{port}", **ENV}
 
         def joined():
-            return run(probe, tmp, check=False, env=env).stdout.strip() == "True"
+            return run(probe, tmp, check=False, env=env, timeout=60).stdout.strip() == "True"
 
         wait_for("the second node joining", joined, 120, every=3)
         yield {"address": f"{HEAD_IP}:{port}", "sids": sids}
@@ -199,7 +199,7 @@ def test_unreachable_or_missing_remote_fails_in_one_line_before_training(study, 
     }
     for expected, (cwd, args) in cases.items():
         cmd = [sys.executable, "sweep/worker.py", "baseline-s0", "train.epochs=1", *args]
-        proc = run(cmd, cwd, check=False, env=ENV)
+        proc = run(cmd, cwd, check=False, env=ENV, timeout=300)
         assert proc.returncode == 1, (proc.stdout, proc.stderr)
         assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr
         assert "Running stage" not in proc.stdout
@@ -246,7 +246,7 @@ def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(cluster, 
     clone = study["tmp"] / "third"
     run(["git", "clone", "-q", str(origin), str(clone)], study["tmp"])
     run(["dvc", "remote", "add", "--local", "-d", "store", str(store)], clone)
-    run(["dvc", "exp", "pull", "origin"], clone)
+    run(["dvc", "exp", "pull", "origin"], clone, timeout=300)
     monkeypatch.chdir(clone)
     monkeypatch.setenv("PATH", ENV["PATH"])
     found = experiments()
@@ -257,17 +257,17 @@ def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(cluster, 
         assert exp["params"]["model.dropout"] == (0 if name.startswith("no-dropout") else 0.2)
         assert exp["params"]["train.epochs"] == 1
         assert 0.5 < exp["metrics"]["metrics/evaluate.json"]["test_accuracy"] <= 1
-    run(["dvc", "exp", "apply", "no-dropout-s1"], clone)
+    run(["dvc", "exp", "apply", "no-dropout-s1"], clone, timeout=300)
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     model = next(o for o in lock["stages"]["train"]["outs"] if o["path"] == "data/model.keras")
     assert hashlib.md5((clone / "data/model.keras").read_bytes()).hexdigest() == model["md5"]
     # The restored model and test split give back the published accuracy.
-    run([sys.executable, "stages/evaluate.py"], clone)
+    run([sys.executable, "stages/evaluate.py"], clone, timeout=300)
     evaluated = json.loads((clone / "metrics/evaluate.json").read_text())
     published = found["no-dropout-s1"]["metrics"]["metrics/evaluate.json"]
     assert evaluated["test_accuracy"] == published["test_accuracy"]
 
     # The same study again: everything is on the remotes with the same params, so nothing runs.
-    again = run(cmd, project, env=env).stdout
+    again = run(cmd, project, env=env, timeout=600).stdout
     assert "cluster: 0 run, 4 skipped, 0 failed" in again
     assert remote_refs(origin) == refs
