@@ -46,8 +46,8 @@ lint: setup
 # With RAY_ADDRESS set, one Ray task per run instead (`make setup-cluster` first; CPUS=N per run).
 .PHONY: ablations report
 ablations: setup  ## run the study's experiments and write reports/ablations.md
-	$(if $(RAY_ADDRESS),python sweep/cluster.py $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(ONLY),--only $(ONLY)) \
-		$(if $(CPUS),--cpus $(CPUS)) $(if $(FORCE),--force) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET), \
+	$(if $(RAY_ADDRESS),python sweep/cluster.py $(SET) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY)) \
+		$(if $(CPUS),--cpus $(CPUS)) $(if $(FORCE),--force) $(if $(TIMEOUT),--timeout $(TIMEOUT)), \
 	python sweep/ablations.py $(if $(JOBS),--jobs $(JOBS)) $(if $(FORCE),--force) \
 		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET)) \
 		|| { python sweep/report.py; exit 1; }

@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 import yaml
 from ablations import parse_overrides
-from ray.util.queue import Empty, Queue
+from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from study import STUDY, committed_params, fail, format_value, load_study, runs
 from tqdm import tqdm
@@ -39,7 +39,7 @@ def parse_args(argv):
     p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
     p.add_argument("--study", default=str(STUDY), help="the study file (default %(default)s)")
     p.add_argument("--only", help="comma-separated variant names: run only these")
-    p.add_argument("--seeds", help='seeds, e.g. "0 1" (default: the study file\'s `seeds:`)')
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the study file's `seeds:`)")
     p.add_argument("--cpus", type=float, default=2, help="CPUs one training uses (%(default)s)")
     p.add_argument("--retries", type=int, default=3, help="times a run is retried when its node dies")
     p.add_argument("--force", action="store_true", help="re-run experiments that are already published")
@@ -53,18 +53,13 @@ def git(*args):
 
 
 def plan(args):
-    """([(name, overrides)] of the study, the extra overrides), after the checks that would
-    otherwise fail every task."""
+    """([(name, overrides)], extra overrides), after the checks that would otherwise fail every task."""
     study = load_study(args.study)
     names = args.only.split(",") if args.only else None
     unknown = set(names or ()) - {e["name"] for e in study}
     if unknown:
         fail(f"--only: {', '.join(sorted(unknown))} not in {args.study}")
     seeds = args.seeds or yaml.safe_load(Path(args.study).read_text()).get("seeds", [0])
-    if isinstance(seeds, str):
-        if not re.fullmatch(r"[\d,\s]+", seeds):
-            fail(f"--seeds {seeds!r}: give integers, e.g. --seeds '0 1'")
-        seeds = [int(s) for s in re.split(r"[,\s]+", seeds.strip())]
     extra, base = parse_overrides(args.set), committed_params()
     todo = [(name, {**overrides, **extra}) for name, overrides in runs(study, seeds, names)]
     unknown = sorted({k for _, overrides in todo for k in overrides if k not in base})
@@ -98,21 +93,9 @@ def watch(tasks, events):
     results, attempts, running = {}, Counter(), set()
     bar = tqdm(total=len(tasks), unit="run", dynamic_ncols=True)
 
-    def show():
-        done = Counter(r["status"] for r in results.values())
-        queued = len(tasks) - len(results) - len(running)
-        bar.set_postfix_str(
-            f"queued {queued}, running {len(running)}, done {done['done'] + done['skipped']}, "
-            f"failed {done['failed']}"
-        )
-
     while len(results) < len(tasks):
         ready, _ = ray.wait([r for r in tasks if tasks[r] not in results], num_returns=1, timeout=1)
-        while True:
-            try:
-                name, node = events.get_nowait()
-            except Empty:
-                break
+        for name, node in events.get_nowait_batch(events.qsize()):
             attempts[name] += 1
             running.add(name)
             again = f", attempt {attempts[name]} (its node died)" if attempts[name] > 1 else ""
@@ -128,7 +111,10 @@ def watch(tasks, events):
             took = sum(result.get("seconds", {}).values())
             bar.write(f"{result['status']} {name}" + (f" in {took:.0f} s" if took else ""))
             bar.update()
-        show()
+        ended = Counter(r["status"] for r in results.values())
+        queued = len(tasks) - len(results) - len(running)
+        ok, failed = ended["done"] + ended["skipped"], ended["failed"]
+        bar.set_postfix_str(f"queued {queued}, running {len(running)}, done {ok}, failed {failed}")
     bar.close()
     return results
 
@@ -155,7 +141,8 @@ def main(argv=None):
     # The progress queue lives on this node, so it survives the death of any other.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    common = ["--rev", rev, "--git-remote", url, "--dvc-remote", dvc_url, "--timeout", str(args.timeout)]
+    common = ["--rev", rev, "--git-remote", url, "--dvc-remote", dvc_url, "--study", args.study]
+    common += ["--timeout", str(args.timeout)]
     common += ["--force"] if args.force else []
     task = run_one.options(num_cpus=args.cpus, max_retries=args.retries)
     start = time.monotonic()

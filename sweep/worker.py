@@ -1,14 +1,11 @@
 """Run one experiment of the study in a fresh clone and publish it: `python sweep/worker.py NAME [k=v ...]`.
 
-NAME is `<variant>-s<seed>` of ablations.yaml. The worker clones the git remote at the study's
-commit into a temporary directory (DVC locks a repository, so workers never share one), checks
-that both remotes answer, runs `dvc exp run --pull -n NAME -S ...` (stages found in the run
-cache on the DVC remote are pulled instead of run; a missing object only means the stage runs),
-then publishes: the outputs and the run cache to the DVC remote first, the experiment's git ref
-last (`dvc exp push` alone would push the ref before the data). A worker killed before that
-last step leaves no ref, so readers see nothing of it, and running it again completes the
-experiment. An experiment already on the git remote with the same params is skipped; one with
-other params is replaced.
+NAME is `<variant>-s<seed>` of ablations.yaml. In a temporary clone of the git remote at the
+study's commit (DVC locks a repository, so workers never share one): check both remotes, skip
+the run if `origin` has it with the same params, `dvc exp run --pull -n NAME -S ...`, then push
+the data and run cache to the DVC remote and, last, the experiment's git ref (`dvc exp push`
+alone pushes the ref first). A worker killed before that last step publishes no ref, so nobody
+sees its run, and running it again completes it.
 """
 
 import argparse
@@ -43,10 +40,10 @@ def parse_args(argv):
     return p.parse_intermixed_args(argv)
 
 
-def sh(args, what, cwd=None, timeout=None):
+def sh(args, what, timeout=None):
     """Run a command quietly; its stdout, or `error: <what>: <the line where git or DVC says why>`."""
     try:
-        proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         fail(f"{what}: no answer in {timeout:.0f} s")
     if proc.returncode != 0:
@@ -54,10 +51,6 @@ def sh(args, what, cwd=None, timeout=None):
         line = next((x for x in lines if x.startswith(ERRORS)), lines[-1])
         fail(f"{what}: {line.split(': ', 1)[-1] if line.startswith(ERRORS) else line}")
     return proc.stdout.strip()
-
-
-def here(*git_args):
-    return sh(["git", *git_args], f"git {' '.join(git_args)} (run from the repository, or pass the option)")
 
 
 def wanted_run(name, study_file, extra):
@@ -80,23 +73,21 @@ def dvc_config(key):
 
 
 def dvc_remote_url():
-    """URL of the default DVC remote of the repository here (config.local included), or None."""
+    """URL of the default DVC remote of the repository here (config.local included), or ''."""
     name = dvc_config("core.remote")
     url = name and dvc_config(f"remote.{name}.url")
-    if url and "://" not in url and not Path(url).is_absolute():
-        url = str((Path(".dvc") / url).resolve())  # DVC reads a relative path from .dvc/
-    return url or None
+    return url if not url or "://" in url else str((Path(".dvc") / url).resolve())  # a path: from .dvc/
 
 
 def check_dvc_remote(url=None):
-    """Fail in one line unless the repository here has a default DVC remote that answers."""
-    if url:  # the worker's own clone: config.local is git-ignored, so nothing reaches git
+    """The default DVC remote here, after checking that it answers; fails in one line."""
+    if url:  # into the clone's config.local: git-ignored, never committed
         sh(["dvc", "remote", "add", "--local", "--force", "--default", "study", url], "dvc remote add")
     remote = dvc_config("core.remote")
     if not remote:
         fail("no DVC remote: `dvc remote add -d NAME URL` (add --local to keep it out of git)")
-    # Lists the remote's top level with its own config and credentials: a missing path, bucket or
-    # host fails here. A shared path not mounted on this node counts as missing, not as new.
+    # Its top level, with its config and credentials: a missing path, bucket or host fails, and so
+    # does a shared path not mounted on this node (which DVC would otherwise create here).
     sh(["dvc", "ls-url", f"remote://{remote}/"], f"DVC remote {remote} unreachable", timeout=CHECK_TIMEOUT)
     return remote
 
@@ -113,8 +104,8 @@ def published(ref, wanted):
 
 def publish(args, seconds):
     """Everything after the argument checks; returns "done" or "skipped"."""
-    url = args.git_remote or here("remote", "get-url", "origin")
-    rev = args.rev or here("rev-parse", "HEAD")
+    url = args.git_remote or sh(["git", "remote", "get-url", "origin"], "no origin here: pass --git-remote")
+    rev = args.rev or sh(["git", "rev-parse", "HEAD"], "not in a git repository: pass --rev")
     dvc_url = args.dvc_remote or dvc_remote_url()
     extra = parse_overrides(args.set)
     sh(["git", "ls-remote", "--heads", url], f"git remote {url} unreachable", timeout=CHECK_TIMEOUT)
@@ -137,12 +128,10 @@ def publish(args, seconds):
             print(f"skip {args.name}: on {url} with the same params ({commit[:7]})", flush=True)
             return "skipped"
         print(f"{'replace' if commit else 'run'} {args.name}: {describe(overrides)}", flush=True)
-
         start = time.monotonic()
         sets = [a for k, v in overrides.items() for a in ("-S", f"{k}={format_value(v)}")]
-        # --pull: each stage that DVC's run cache on the remote already has (download, and
-        # preprocess for the same seed and preprocess params) is restored from it, data included;
-        # whatever is missing just runs.
+        # --pull: a stage in the remote's run cache (download; preprocess for the same seed and
+        # preprocess params) is restored with its data; whatever is missing just runs.
         proc = subprocess.Popen(["dvc", "exp", "run", "--pull", "-n", args.name, *sets], process_group=0)
         try:
             code = proc.wait(timeout=args.timeout)
@@ -153,14 +142,10 @@ def publish(args, seconds):
         if code:
             fail(f"{args.name}: dvc exp run exited {code}")
         seconds["run"] = time.monotonic() - start
-
         start = time.monotonic()
         sh(["dvc", "push", "--run-cache", "-r", remote], f"dvc push to {remote}")
         force = ["--force"] if commit else []  # over the run with other params, or --force's
-        sh(
-            ["dvc", "exp", "push", "--no-cache", *force, "origin", args.name],
-            f"dvc exp push origin {args.name}",
-        )
+        sh(["dvc", "exp", "push", "--no-cache", *force, "origin", args.name], f"dvc exp push {args.name}")
         seconds["push"] = time.monotonic() - start
         print(f"done {args.name}: published to {url} and DVC remote {remote}", flush=True)
         return "done"
@@ -180,8 +165,7 @@ def main(argv=None):
     finally:
         if args.result:
             Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

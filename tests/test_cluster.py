@@ -46,7 +46,7 @@ def session(sid):
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # ended meanwhile
             continue
-        if int(fields[3]) == sid:
+        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie is gone already, awaiting its parent
             pids.append(int(stat.parent.name))
     return pids
 
@@ -85,7 +85,7 @@ def cluster(tmp_path_factory):
     head += [f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp}"]
     second = [f"--address={HEAD_IP}:{port}", f"--node-ip-address={SECOND_IP}", '--resources={"second": 1}']
     nodes = {"head": head, "second": second}
-    sids, logs = {}, []
+    procs, logs = {}, []
     try:
         for name, args in nodes.items():
             logs.append(open(tmp / f"{name}.log", "w"))  # noqa: SIM115  (closed below)
@@ -94,7 +94,7 @@ def cluster(tmp_path_factory):
                 [f"{BIN}/ray", "start", *args, *common], env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-            sids[name] = proc.pid
+            procs[name] = proc
             if name == "head":
                 wait_for("the head's GCS", lambda: socket_open(HEAD_IP, port), 120)
         probe = [sys.executable, "-c", "import ray; ray.init(); print('second' in ray.cluster_resources())"]
@@ -104,15 +104,15 @@ def cluster(tmp_path_factory):
             return run(probe, tmp, check=False, env=env, timeout=60).stdout.strip() == "True"
 
         wait_for("the second node joining", joined, 120, every=3)
-        yield {"address": f"{HEAD_IP}:{port}", "sids": sids}
+        yield {"address": f"{HEAD_IP}:{port}", "sids": {name: proc.pid for name, proc in procs.items()}}
     finally:
-        for sid in sids.values():
-            kill_session(sid, signal.SIGTERM)  # `ray start --block` stops its processes
-        for sid in sids.values():
-            try:
-                wait_for("the node stopping", lambda sid=sid: not session(sid), 20)
-            except AssertionError:
-                kill_session(sid)
+        for proc in procs.values():
+            kill_session(proc.pid, signal.SIGTERM)  # `ray start --block` stops its processes
+        for proc in procs.values():
+            with contextlib.suppress(AssertionError):
+                wait_for("the node stopping", lambda pid=proc.pid: not session(pid), 20)
+            kill_session(proc.pid)  # whatever is left
+            proc.wait(timeout=30)
         for log in logs:
             log.close()
 
@@ -210,7 +210,7 @@ def test_unreachable_or_missing_remote_fails_in_one_line_before_training(study, 
 def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(cluster, study, mirror, monkeypatch):
     project, origin, store = study["project"], study["origin"], study["store"]
     env = {**os.environ, **ENV, "RAY_ADDRESS": cluster["address"], "MNIST_MIRROR": mirror}
-    cmd = [sys.executable, "sweep/cluster.py", "train.epochs=1", "--seeds", "0 1", "--cpus", "1"]
+    cmd = [sys.executable, "sweep/cluster.py", "train.epochs=1", "--seeds", "0", "1", "--cpus", "1"]
     log = study["tmp"] / "cluster.log"
     start = time.monotonic()
     with open(log, "w") as out:
