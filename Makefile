@@ -25,6 +25,22 @@ test: setup  ## the fast test suite (a few minutes)
 test-slow: setup  ## full-size runs: the baseline reproduces ~98% test accuracy
 	python -m pytest -m slow
 
+# Ray and the S3/SSH remotes for `make ablations` on a cluster, kept out of `make repro`'s .venv
+# until asked for (install on every node).
+.PHONY: setup-cluster test-cluster
+$(VENV)/.cluster-installed: $(VENV)/.installed requirements-cluster.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-cluster.txt -c requirements.txt
+	touch $@
+
+setup-cluster: $(VENV)/.cluster-installed
+
+# In a network namespace of its own where `unshare` allows: Ray's servers bind every interface,
+# and there the only one is loopback.
+test-cluster: setup-cluster  ## the study through a two-node local Ray cluster (a few minutes)
+	if unshare -rn ip link set lo up 2>/dev/null; then \
+		unshare -rn sh -c 'ip link set lo up && exec python -m pytest -m cluster'; \
+	else python -m pytest -m cluster; fi
+
 lint: setup
 	ruff check . && ruff format --check .
 
@@ -41,11 +57,14 @@ plots-template: setup  ## rebuild .dvc/offline-plots/ (vega for `dvc plots` offl
 # The ablation study (ablations.yaml): every variant at every seed as a named DVC experiment, then
 # its report. SEEDS="0 1" and ONLY=baseline,sgd narrow it; SET="k=v ..." adds overrides to every run;
 # JOBS=N runs N at once, each with cores/N training threads; FORCE=1 re-runs existing ones.
+# With RAY_ADDRESS set, one Ray task per run on that cluster instead (`make setup-cluster` first;
+# CPUS=N per run).
 STUDY_ARGS = $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(ONLY),--only $(ONLY))
 .PHONY: ablations report
 ablations: setup  ## run the study's experiments and write reports/ablations.md
-	python sweep/ablations.py $(STUDY_ARGS) $(if $(JOBS),--jobs $(JOBS)) $(if $(FORCE),--force) \
-		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET) \
+	$(if $(RAY_ADDRESS),python sweep/cluster.py $(if $(CPUS),--cpus $(CPUS)), \
+		python sweep/ablations.py $(if $(JOBS),--jobs $(JOBS))) \
+		$(STUDY_ARGS) $(if $(FORCE),--force) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET) \
 		|| { python sweep/report.py $(STUDY_ARGS); exit 1; }
 	python sweep/report.py $(STUDY_ARGS)
 

@@ -1,0 +1,173 @@
+"""Run the study on a Ray cluster: `RAY_ADDRESS=HOST:PORT python sweep/cluster.py [k=v ...]`.
+
+One Ray task per experiment (variant x seed), each running sweep/worker.py in a fresh clone on
+whichever node has the CPUs free; a task whose node dies is retried on another. The workers
+publish to the git remote `origin` and the default DVC remote, so this machine only schedules
+and, at the end, collects every run with `dvc exp pull origin`. Credentials reach the tasks
+through the environment, from the allow-list FORWARD only. Exit status 1 names every failed run.
+"""
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import ray
+from ablations import parse_overrides
+from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from study import STUDY, committed_params, fail, format_value, load_seeds, load_study, parse_seeds, runs
+from tqdm import tqdm
+from worker import check_dvc_remote, dvc_remote_url
+
+# Environment variables a task receives: cloud credentials, the git SSH command, the datasets'
+# mirrors, TensorFlow's log level. Nothing else of this shell, and never a file of the repository.
+FORWARD = re.compile(
+    r"AWS_\w+|AZURE_\w+|GOOGLE_APPLICATION_CREDENTIALS|GIT_SSH_COMMAND|(FASHION_)?MNIST_\w+|TF_CPP_\w+"
+)
+SWEEP = Path(__file__).resolve().parent
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
+    p.add_argument("--study", default=str(STUDY), help="the study file (default %(default)s)")
+    p.add_argument("--only", help="comma-separated variant names: run only these")
+    p.add_argument("--seeds", help="seeds to run instead of the study's `seeds:`, e.g. '0 1' or 0,1")
+    p.add_argument("--cpus", type=float, default=2, help="CPUs one training uses (%(default)s)")
+    p.add_argument("--retries", type=int, default=3, help="times a run is retried when its node dies")
+    p.add_argument("--force", action="store_true", help="re-run experiments that are already published")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one `dvc exp run` may take")
+    return p.parse_args(argv)
+
+
+def git(*args):
+    proc = subprocess.run(["git", *args], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def plan(args):
+    """([(name, overrides)], extra overrides), after the checks that would otherwise fail every task."""
+    study = load_study(args.study)
+    names = args.only.split(",") if args.only else None
+    seeds = parse_seeds(args.seeds) if args.seeds else load_seeds(args.study)
+    extra, base = parse_overrides(args.set), committed_params()
+    todo = [(name, {**overrides, **extra}) for name, overrides in runs(study, seeds, names)]
+    unknown = sorted({k for _, overrides in todo for k in overrides if k not in base})
+    if unknown:
+        fail(f"{', '.join(unknown)} not in params.yaml")
+    dirty = git("status", "--porcelain", "--", "params.yaml", "dvc.yaml", "stages", "sweep", args.study)
+    if dirty:
+        fail(f"uncommitted changes would not reach the workers; commit and push them first:\n{dirty}")
+    if git("fetch", "-q", "origin") is None:
+        fail("git remote origin is missing or unreachable: `git remote add origin URL`, then push")
+    if not git("branch", "-r", "--contains", "HEAD"):
+        fail("HEAD is not on origin, so the workers cannot clone it: `git push origin HEAD` first")
+    check_dvc_remote()
+    return todo, extra
+
+
+@ray.remote
+def run_one(name, argv, events):
+    """The task: sweep/worker.py (shipped as the job's working_dir) in a subprocess; its result dict."""
+    events.put((name, ray.util.get_node_ip_address()))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "worker.py", name, *argv, "--result", str(result)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        found = json.loads(result.read_text()) if result.exists() else {}
+    return {"status": "failed", "error": f"worker exited {proc.returncode}", **found, "log": proc.stdout}
+
+
+def watch(tasks, events):
+    """Wait for every task, showing queued/running/done/failed; {name: result}."""
+    results, attempts, running = {}, Counter(), set()
+    bar = tqdm(total=len(tasks), unit="run", dynamic_ncols=True)
+
+    while len(results) < len(tasks):
+        ready, _ = ray.wait([r for r in tasks if tasks[r] not in results], num_returns=1, timeout=1)
+        for name, node in events.get_nowait_batch(events.qsize()):
+            attempts[name] += 1
+            running.add(name)
+            again = f", attempt {attempts[name]} (its node died)" if attempts[name] > 1 else ""
+            bar.write(f"running {name} on {node}{again}")
+        for ref in ready:
+            name = tasks[ref]
+            try:
+                results[name] = ray.get(ref)
+            except ray.exceptions.RayError as e:  # out of retries, or the task could not start
+                results[name] = {"status": "failed", "error": str(e).strip().splitlines()[0], "log": ""}
+            running.discard(name)
+            result = results[name]
+            took = sum(result.get("seconds", {}).values())
+            bar.write(f"{result['status']} {name}" + (f" in {took:.0f} s" if took else ""))
+            bar.update()
+        ended = Counter(r["status"] for r in results.values())
+        queued = len(tasks) - len(results) - len(running)
+        ok, failed = ended["done"] + ended["skipped"], ended["failed"]
+        bar.set_postfix_str(f"queued {queued}, running {len(running)}, done {ok}, failed {failed}")
+    bar.close()
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    todo, extra = plan(args)
+    rev, url, dvc_url = git("rev-parse", "HEAD"), git("remote", "get-url", "origin"), dvc_remote_url()
+    env = {k: v for k, v in os.environ.items() if FORWARD.fullmatch(k)}
+    address = os.environ.get("RAY_ADDRESS", "auto")
+    host, _, port = address.rpartition(":")
+    try:  # HOST:PORT of a head that is not there: ray.init would retry it for minutes
+        if port.isdigit():
+            socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        fail(f"RAY_ADDRESS={address}: no Ray head answers there ({e}); `ray start --head` prints its address")
+    try:
+        ray.init(
+            runtime_env={"working_dir": str(SWEEP), "excludes": ["__pycache__"], "env_vars": env},
+            log_to_driver=False,  # the workers' output comes back with their results
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        fail(f"cannot join the Ray cluster at {address}: {e}")
+    # The progress queue lives on this node, so it survives the death of any other.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    common = ["--rev", rev, "--git-remote", url, "--dvc-remote", dvc_url, "--study", args.study]
+    common += ["--timeout", str(args.timeout)]
+    common += ["--force"] if args.force else []
+    task = run_one.options(num_cpus=args.cpus, max_retries=args.retries)
+    start = time.monotonic()
+    # A worker finds a run's own overrides in the study file from its name; it gets only SET's.
+    sets = [f"{k}={format_value(v)}" for k, v in extra.items()]
+    tasks = {task.remote(name, [*sets, *common], events): name for name, _ in todo}
+    results = watch(tasks, events)
+    failed = {n: r for n, r in results.items() if r["status"] == "failed"}
+    ray.shutdown()
+    counts = Counter(r["status"] for r in results.values())
+    print(
+        f"\ncluster: {counts['done']} run, {counts['skipped']} skipped, {len(failed)} failed "
+        f"in {time.monotonic() - start:.0f} s"
+    )
+    steps = [r["seconds"] for r in results.values() if r["status"] == "done"]
+    if steps:  # what the fan-out costs a run, beside the run itself
+        means = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+        print("mean seconds per run: " + ", ".join(f"{k} {v:.1f}" for k, v in means.items()))
+    for name, result in failed.items():
+        tail = " / ".join(result["log"].strip().splitlines()[-3:])
+        print(f"  {name}: {result.get('error')}" + (f" ({tail})" if tail else ""))
+    # Every run that made it, from the remotes, so `make report` and `dvc exp show` see them here.
+    pulled = subprocess.run(["dvc", "exp", "pull", "origin"])
+    if pulled.returncode:
+        fail("dvc exp pull origin failed; the published runs stay on the remotes, pull them again")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
