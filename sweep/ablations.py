@@ -93,14 +93,23 @@ def plan(todo, extra, base, force):
     return planned
 
 
+def data_paths():
+    """The datasets' mirror and checksum variables with relative paths made absolute: a --temp run
+    works in a copy under .dvc/tmp, where `../shared/mnist` would name nothing."""
+    names = [f"{p}_{v}" for p in ("MNIST", "FASHION_MNIST") for v in ("MIRROR", "SHA256SUMS")]
+    given = {k: os.environ[k] for k in names if os.environ.get(k, "").strip()}
+    return {k: str(Path(v).resolve()) for k, v in given.items() if "://" not in v and Path(v).exists()}
+
+
 def start(name, overrides, jobs):
     """Start one `dvc exp run --temp` in its own process group; with jobs > 1 its output goes to a log."""
     sets = [a for k, v in overrides.items() for a in ("-S", f"{k}={format_value(v)}")]
     cmd = ["dvc", "exp", "run", "--temp", "-n", name, *sets]
+    env = {**os.environ, **data_paths()}
     if jobs == 1:
-        return subprocess.Popen(cmd, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
     # Runs share the cores: each trains with its share of threads rather than all of them.
-    env = {**os.environ, "TRAIN_THREADS": str(max(1, len(os.sched_getaffinity(0)) // jobs))}
+    env["TRAIN_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
     LOGS.mkdir(parents=True, exist_ok=True)
     with open(LOGS / f"{name}.log", "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

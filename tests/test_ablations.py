@@ -1,9 +1,9 @@
 """The ablation sweep and its report: a two-variant, two-seed study through `make ablations` and
-`make report`, the README's experiment-comparison commands, and parallel runs on a TensorFlow-free stage."""
+`make report`, and parallel runs on a TensorFlow-free stage. (tests/test_readme.py runs the README's
+commands.)"""
 
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -17,15 +17,8 @@ from conftest import ROOT, git_init, run
 sys.path.insert(0, str(ROOT / "sweep"))
 from study import experiments
 
-VARIANTS = ("baseline", "no-dropout")  # the names the README's commands use
+VARIANTS = ("baseline", "no-dropout")
 T1 = 12.706204736174704  # Student's t, 97.5% quantile, 1 degree of freedom (printed tables: 12.706)
-
-
-def readme_commands():
-    """The command lines of the README's "Comparing experiments" block, `.venv/bin/` dropped."""
-    section = ROOT.joinpath("README.md").read_text().split("## Comparing experiments", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line.replace(".venv/bin/", "") for line in block.splitlines() if line.strip()]
 
 
 @pytest.fixture(autouse=True)
@@ -129,18 +122,6 @@ def test_make_ablations_and_report_match_dvc(study_project, synthetic_env):
     assert "ablations: 0 run, 4 skipped, 0 failed" in again
     make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", env=synthetic_env)
     assert (project / "reports/ablations.md").read_text() == report
-
-    # The README's commands, exactly as written (bar the .venv/bin/ prefix).
-    for command in readme_commands():
-        proc = run(["bash", "-c", command], project)
-        if "--md" in command:
-            assert "no-dropout-s0" in proc.stdout and "test_accuracy" in proc.stdout
-        if "exp diff" in command:
-            assert "model.dropout" in proc.stdout
-    assert (project / "dvc_plots/index.html").exists()
-    assert "ablation-no-dropout" in run(["git", "branch"], project).stdout
-    assert yaml.safe_load((project / "params.yaml").read_text())["model"]["dropout"] == 0
-    assert run(["git", "status", "--porcelain", "params.yaml", "dvc.lock"], project).stdout == ""
 
 
 STAGE = """\

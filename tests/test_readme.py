@@ -1,0 +1,127 @@
+"""Every shell block of the README, run as printed, in order, in one copy of the project.
+
+As a newcomer would: a shell whose PATH has no .venv/bin (nor any other dvc), the project's
+small config committed, `../shared/mnist` and `~/my-idx` holding the synthetic MNIST, and a
+two-variant, one-seed study. Only `make test` is left out (it is this suite). A block the tests
+cannot run here carries a `<!-- not run by tests/test_readme.py: why -->` line naming what covers it.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, copy_project, run
+from PIL import Image
+from synthetic_idx import templates
+
+MARK = "<!-- not run by tests/test_readme.py: "
+BLOCK = re.compile(
+    re.escape(MARK) + r"(?P<why>.+?) -->\n```bash\n(?P<code>.*?)```|```bash\n(?P<run>.*?)```", re.S
+)
+PLAIN_PATH = "/usr/local/bin:/usr/bin:/bin"  # no virtualenv, no pyenv shims
+STUDY = {"baseline", "no-dropout", "no-relu"}  # the variants the README's commands name
+
+
+def blocks():
+    """[(line number, reason it is not run or None, code)] of the README's bash blocks."""
+    text = (ROOT / "README.md").read_text()
+    return [
+        (text[: m.start()].count("\n") + 1, m["why"], m["code"] or m["run"]) for m in BLOCK.finditer(text)
+    ]
+
+
+def glyph(label, path, size=200):
+    """A synthetic digit drawn dark on light at `size` px, as a user's scan would be."""
+    ink = (templates("mnist")[label] * 255).astype(np.uint8)
+    Image.fromarray(255 - ink).resize((size, size), Image.Resampling.BILINEAR).save(path)
+
+
+@pytest.fixture
+def clone(tmp_path, synthetic_env):
+    """A project as a fresh clone looks (results committed), with the small config on top."""
+    work = copy_project(tmp_path / "project", git=False)
+    for name in (
+        "Makefile",
+        "requirements.txt",
+        "README.md",
+        "ablations.yaml",
+        "dvc.lock",
+        ".dvc/.gitignore",
+    ):
+        shutil.copy2(ROOT / name, work / name)
+    for name in ("sweep", "metrics"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    study = yaml.safe_load((work / "ablations.yaml").read_text())
+    study["experiments"] = [e for e in study["experiments"] if e["name"] in STUDY]
+    study["seeds"] = [0]
+    (work / "ablations.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    # This checkout's .venv, never a new one: older than the installed marker, so make keeps it.
+    installed = (ROOT / ".venv/.installed").stat().st_mtime
+    os.utime(work / "requirements.txt", (installed - 60, installed - 60))
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    run(["git", "init", "-q", "-b", "main"], work)
+    (work / ".git/info/exclude").write_text(".venv\n")
+    for args in (["add", "-A"], ["commit", "-qm", "clone"]):
+        run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], work)
+    run(["git", "config", "user.name", "t"], work)
+    run(["git", "config", "user.email", "t@localhost"], work)
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared/mnist").symlink_to(synthetic_env["MNIST_MIRROR"])
+    home = tmp_path / "home"
+    (home / "my-idx").mkdir(parents=True)
+    for gz in sorted(os.listdir(synthetic_env["MNIST_MIRROR"])):
+        if gz.endswith(".gz"):
+            shutil.copy2(os.path.join(synthetic_env["MNIST_MIRROR"], gz), home / "my-idx" / gz)
+    glyph(2, work / "two.png")
+    glyph(7, work / "seven.jpg")
+    env = {"PATH": PLAIN_PATH, "HOME": str(home), "LANG": "C.UTF-8"}
+    env["MNIST_SHA256SUMS"] = synthetic_env["MNIST_SHA256SUMS"]  # the synthetic data's checksums
+    assert shutil.which("dvc", path=PLAIN_PATH) is None and shutil.which("python", path=PLAIN_PATH) is None
+    return work, env
+
+
+def test_every_readme_block_marks_why_it_is_not_run():
+    found = blocks()
+    assert len(found) >= 8
+    for line, why, _ in found:
+        assert why is None or "tests/" in why, f"README line {line}: say which test covers it instead"
+    assert (ROOT / "README.md").read_text().count(MARK) == sum(why is not None for _, why, _ in found)
+
+
+def test_readme_blocks_run_as_printed(clone):
+    work, env = clone
+    ran = []
+    for line, why, code in blocks():
+        if why:
+            continue
+        code = "\n".join(c for c in code.splitlines() if not c.startswith("make test "))
+        proc = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", code],
+            cwd=work, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"README line {line}:\n{code}\n{out[-3000:]}"
+        assert not [x for x in out.splitlines() if re.search(r"warning|traceback", x, re.I)], out
+        ran.append((code, out))
+
+    text = "\n".join(code for code, _ in ran)
+    assert "make repro" in text and "make ablations" in text and "dvc checkout" in text
+    predict = next(out for code, out in ran if "make predict" in code)
+    assert re.search(r"^two\.png: \d \(", predict, re.M) and re.search(r"^seven\.jpg: \d \(", predict, re.M)
+    assert (work / "dvc_plots/index.html").exists()
+    assert len((Path(env["HOME"]) / "my-idx/SHA256SUMS").read_text().splitlines()) == 4
+    csv = (work / "reports/ablations.csv").read_text()
+    assert all(f"{name}-s0" in csv for name in STUDY)
+    log = run(["git", "log", "--format=%s", "-1"], work).stdout.strip()
+    assert log == "Adopt the no-dropout variant"
+    # The last block restored the committed state: no-dropout's params and a clean workspace.
+    assert yaml.safe_load((work / "params.yaml").read_text())["model"]["dropout"] == 0
+    assert run(["git", "status", "--porcelain", "params.yaml", "metrics"], work).stdout == ""
+    assert json.loads((work / "metrics/evaluate.json").read_text())["test_accuracy"] > 0.5
