@@ -296,6 +296,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data, 2 epochs, one repeat (minutes)")
     parser.add_argument("--no-sweep", action="store_true", help="skip timing the nine-variant study")
+    parser.add_argument("--sweep-repeats", type=int, default=1, help="passes over the study's three modes")
     args = parser.parse_args()
     import report  # here, not at the top: sweep_time imports this module
     import sweep_time
@@ -329,7 +330,7 @@ def main():
     )
     results["checks"] = checks(prepare(with_overrides(base, quick)))
     if not args.no_sweep:
-        results["sweep"] = sweep_time.bench(with_overrides(base, quick))
+        results["sweep"] = sweep_time.bench(with_overrides(base, quick), args.sweep_repeats)
     results["loadavg_end"] = loadavg()
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(report.markdown(results))
