@@ -59,7 +59,7 @@ def markdown(r):
             [
                 [
                     name,
-                    cell(x["overrides"] or None, none="params.yaml"),
+                    ", ".join(f"{k}={v}" for k, v in x["overrides"].items()) or "params.yaml",
                     x["epochs"],
                     cell(plain(x, "loop_seconds")),
                     x["project"]["loop_seconds"],

@@ -220,7 +220,8 @@ def compare(ref, proj, matmul):
     return out
 
 
-def bench_variant(name, overrides, base, matmul, repeats):
+def bench_variant(name, own, base, quick, matmul, repeats):
+    overrides = {**own, **quick}  # --quick's epochs win over the variant's
     params = with_overrides(base, overrides)
     work = prepare(params)
     n_train, n_val = split_sizes(work)
@@ -235,7 +236,7 @@ def bench_variant(name, overrides, base, matmul, repeats):
     flops = epoch_flops(params["model"], n_train, n_val)
     sides = {who: side_summary(rs, flops) if rs else None for who, rs in runs.items()}
     return {
-        "overrides": overrides,
+        "overrides": own,
         "epochs": params["train"]["epochs"],
         "flops_per_epoch": flops,
         "loadavg": sorted({r["loadavg_before"][0] for rs in runs.values() for r in rs}),
@@ -317,7 +318,7 @@ def main():
     mm = results["matmul_runs"][0]
     for name, overrides in VARIANTS.items():
         results["variants"][name] = bench_variant(
-            name, {**overrides, **quick}, base, mm, 1 if args.quick else REPEATS
+            name, overrides, base, quick, mm, 1 if args.quick else REPEATS
         )
     results["matmul_runs"].append(matmul())
     results["matmul"] = {
