@@ -71,11 +71,14 @@ ablations: setup  ## run the study's experiments and write reports/ablations.md
 report: setup  ## reports/ablations.{md,csv} and figures from the experiments DVC has (SEEDS, ONLY as above)
 	python sweep/report.py $(STUDY_ARGS)
 
-# The plain Keras script against the train stage, interleaved, with the machine's matmul limit:
-# benchmarks/results.{json,md}. QUICK=1 runs fewer epochs and repeats (a few minutes, not ~15).
+# The plain Keras script against the train stage, interleaved, with the machine's matmul limit, and
+# the nine-variant study against the nine plain scripts: benchmarks/results.{json,md}. QUICK=1 shrinks
+# data and epochs (minutes, to check the code; not figures to quote); SWEEP=0 skips the study (~30 min
+# a pass); SWEEP_REPEATS=N runs N passes over its three modes, alternating their order.
 .PHONY: bench
-bench: setup  ## time the train stage against a plain Keras script
-	python benchmarks/run.py $(if $(QUICK),--quick)
+bench: setup  ## time the train stage and the study against plain Keras scripts (QUICK=1, SWEEP=0)
+	python benchmarks/run.py $(if $(QUICK),--quick) $(if $(filter 0,$(SWEEP)),--no-sweep) \
+		$(if $(SWEEP_REPEATS),--sweep-repeats $(SWEEP_REPEATS))
 
 # Not a DVC stage: a command for people. IMAGES is split on spaces (call stages/predict.py
 # directly for names with spaces); JSON=1 prints one JSON object per image.

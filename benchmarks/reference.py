@@ -1,37 +1,54 @@
 """The plain Keras script the train stage is measured against: deliberately naive, tutorial style.
 
-Usage (from a directory holding data/prepared/): python reference.py HIDDEN_UNITS BATCH_SIZE EPOCHS
-Prints one JSON line: per-epoch wall times, final validation accuracy, test accuracy of the best epoch.
+Usage: python reference.py [--hidden-units 512 --batch-size 128 --epochs 10 ...] [--dataset data/prepared]
+`--dataset` is a directory of prepared train/val/test .npz files (the preprocess stage's output).
+Writes --out (JSON): per-epoch wall times, final validation accuracy, test accuracy of the best epoch.
 """
 
+import argparse
 import json
-import sys
 import time
 
 import keras
 import numpy as np
 
-hidden, batch_size, epochs = (int(v) for v in sys.argv[1:4])
-keras.utils.set_random_seed(0)
+parser = argparse.ArgumentParser()
+parser.add_argument("--hidden-units", type=int, default=512)
+parser.add_argument("--hidden-layers", type=int, default=2)
+parser.add_argument("--activation", default="relu")
+parser.add_argument("--dropout", type=float, default=0.2)
+parser.add_argument("--optimizer", default="rmsprop")
+parser.add_argument("--learning-rate", type=float)
+parser.add_argument("--batch-size", type=int, default=128)
+parser.add_argument("--epochs", type=int, default=10)
+parser.add_argument("--no-normalize", action="store_true", help="raw 0..255 pixels")
+parser.add_argument("--precision", default="float32", help="Keras dtype policy, e.g. mixed_bfloat16")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--dataset", default="data/prepared")
+parser.add_argument("--out", default="reference.json")
+args = parser.parse_args()
+keras.utils.set_random_seed(args.seed)
+keras.mixed_precision.set_global_policy(args.precision)
 
 # The prepared train and validation splits, concatenated so that validation_split=0.2 holds out
 # exactly the validation images (Keras takes the last 20%, before any shuffling).
-train, val, test = (np.load(f"data/prepared/{name}.npz") for name in ("train", "val", "test"))
-x = np.concatenate([train["x"], val["x"]]).reshape(-1, 784).astype("float32") / 255
+train, val, test = (np.load(f"{args.dataset}/{name}.npz") for name in ("train", "val", "test"))
+scale = 1 if args.no_normalize else 255
+x = np.concatenate([train["x"], val["x"]]).reshape(-1, 784).astype("float32") / scale
 y = np.concatenate([train["y"], val["y"]])
-x_test = test["x"].reshape(-1, 784).astype("float32") / 255
+x_test = test["x"].reshape(-1, 784).astype("float32") / scale
 
-model = keras.Sequential(
-    [
-        keras.Input((784,)),
-        keras.layers.Dense(hidden, activation="relu"),
-        keras.layers.Dropout(0.2),
-        keras.layers.Dense(hidden, activation="relu"),
-        keras.layers.Dropout(0.2),
-        keras.layers.Dense(10, activation="softmax"),
-    ]
-)
-model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+layers = [keras.Input((784,))]
+for _ in range(args.hidden_layers):
+    layers.append(keras.layers.Dense(args.hidden_units, activation=args.activation))
+    if args.dropout:
+        layers.append(keras.layers.Dropout(args.dropout))
+layers.append(keras.layers.Dense(10, activation="softmax", dtype="float32"))
+model = keras.Sequential(layers)
+optimizer = keras.optimizers.get(args.optimizer)
+if args.learning_rate:
+    optimizer.learning_rate = args.learning_rate
+model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
 class EpochTimes(keras.callbacks.Callback):  # the only addition: the benchmark needs epoch times
@@ -47,8 +64,8 @@ checkpoint = keras.callbacks.ModelCheckpoint("reference.keras", monitor="val_los
 history = model.fit(
     x,
     y,
-    batch_size=batch_size,
-    epochs=epochs,
+    batch_size=args.batch_size,
+    epochs=args.epochs,
     validation_split=0.2,
     callbacks=[checkpoint, timer],
     verbose=0,
@@ -60,4 +77,5 @@ result = {
     "val_accuracy": history.history["val_accuracy"][-1],
     "test_accuracy": test_accuracy,
 }
-print(json.dumps(result))
+with open(args.out, "w") as f:
+    json.dump(result, f)

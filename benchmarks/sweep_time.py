@@ -1,0 +1,81 @@
+"""The nine-variant study timed end to end: `make ablations` at JOBS=1 and JOBS=2 against the plain scripts.
+
+Part of `make bench` (run.py calls bench()); SWEEP=0 / --no-sweep skips it. Each mode runs the study's
+variants at seed 0 from the same committed params.yaml in a scratch repository: `make ablations`'s two
+commands (sweep/ablations.py, then sweep/report.py), or reference.py once per variant in sequence with
+the variant's overrides. Modes alternate in order (A B C, C B A, ...) when repeated.
+"""
+
+import shutil
+import subprocess
+import sys
+import time
+
+import yaml
+from run import HERE, ROOT, WORK, env, loadavg, reference_args, with_overrides
+
+FILES = ("stages", "sweep", "dvc.yaml", "ablations.yaml", ".dvc/config", ".dvcignore", ".gitignore")
+MODES = ("plain", "jobs1", "jobs2")
+
+
+def call(cmd, repo, check=True):
+    subprocess.run(cmd, cwd=repo, env=env(), check=check, capture_output=True)
+
+
+def scratch_repo(base, variants):
+    """A committed copy of the project whose run cache already holds every variant's prepared data."""
+    repo = WORK / "sweep"
+    shutil.rmtree(repo, ignore_errors=True)
+    for name in FILES:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(
+            ROOT / name,
+            repo / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
+        )
+    (repo / "params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "bench"]):
+        call(git + args, repo)
+    # Preprocessing is not what is timed: run each variant's once, so every mode restores it from the cache.
+    for own in {
+        yaml.safe_dump(v["set"]) for v in variants if any(k.startswith("preprocess.") for k in v["set"])
+    }:
+        (repo / "params.yaml").write_text(yaml.safe_dump(with_overrides(base, yaml.safe_load(own))))
+        call(["dvc", "repro", "-q", "preprocess"], repo)
+    call(["git", "checkout", "params.yaml"], repo)
+    call(["dvc", "repro", "-q", "preprocess"], repo)
+    return repo
+
+
+def time_mode(mode, repo, base, variants):
+    started, load = time.perf_counter(), loadavg()
+    if mode == "plain":
+        for v in variants:
+            params = with_overrides(base, {**v["set"], "seed": 0})
+            cmd = [
+                sys.executable,
+                HERE / "reference.py",
+                *reference_args(params, v["set"]),
+                "--out",
+                "ref.json",
+            ]
+            call(cmd, repo)
+    else:
+        call(["dvc", "exp", "remove", "-A"], repo, check=False)  # every mode runs all nine afresh
+        jobs = mode.removeprefix("jobs")
+        call([sys.executable, "sweep/ablations.py", "--seeds", "0", "--jobs", jobs], repo)
+        call([sys.executable, "sweep/report.py", "--seeds", "0"], repo)
+    return {"mode": mode, "wall_seconds": round(time.perf_counter() - started, 1), "loadavg_before": load}
+
+
+def bench(base, repeats=1):
+    variants = yaml.safe_load((ROOT / "ablations.yaml").read_text())["experiments"]
+    repo = scratch_repo(base, variants)
+    runs = []
+    for r in range(repeats):
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            print(f"bench: sweep {mode} ({r + 1}/{repeats}), load {loadavg()[0]}", flush=True)
+            runs.append(time_mode(mode, repo, base, variants))
+    return {"variants": [v["name"] for v in variants], "epochs": base["train"]["epochs"], "runs": runs}
