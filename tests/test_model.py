@@ -117,6 +117,7 @@ def test_every_allowed_optimizer_is_a_keras_optimizer(name):
 def test_the_mlp_is_the_one_main_built_before_the_cnn(baseline):
     """Adding the CNN changed nothing of the MLP: same config, layer names and initial weights as
     the builder of main before model.type existed (written out here), so dvc.lock's MLP reproduces."""
+    keras.backend.clear_session()  # layer names count up per session: start both from "dense"
     keras.utils.set_random_seed(0)
     old = keras.Sequential(
         [
@@ -129,6 +130,7 @@ def test_the_mlp_is_the_one_main_built_before_the_cnn(baseline):
         ],
         name="mlp",
     )
+    keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     new = build_model(baseline)
     assert new.get_config() == old.get_config()
