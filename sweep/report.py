@@ -181,7 +181,7 @@ def paragraph(s, exp):
         fewer = "fewer" if s["params"] < s["other_params"] else "not fewer"
         lo, hi = s["diff_ci"] or (None, None)
         higher = (
-            f"{s['diff']:+.2f} points of accuracy on one seed"
+            f"{s['diff']:+.2f} points of accuracy on one seed (no interval)"
             if lo is None
             else "higher accuracy"
             if lo > 0
@@ -191,9 +191,9 @@ def paragraph(s, exp):
         )
         ratio = s["params"] / s["other_params"]
         text.append(
-            f"It has {s['params']:,} parameters against {s['other_params']:,} ({ratio:.2f}x) and trains in"
-            f" {s['train_seconds']:.1f} s against {s['other_seconds']:.1f} s (mean per run):"
-            f" {fewer} parameters, {higher} than {s['compare_to']}."
+            f"It has {s['params']:,} parameters against {s['other_params']:,} for {s['compare_to']}"
+            f" ({ratio:.2f}x) and trains in {s['train_seconds']:.1f} s against {s['other_seconds']:.1f} s"
+            f" (mean per run): {fewer} parameters, {higher}."
         )
     if exp["reference"].get("source"):
         text.append(f"Published: {exp['reference']['source']}.")
