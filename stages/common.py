@@ -109,10 +109,16 @@ SCHEMA = {
         "test_size": (_optional_positive_int, "a positive integer or null"),
     },
     "model": {
+        "type": _one_of(("mlp", "cnn")),
         "hidden_units": (_positive_int, "a positive integer"),
         "hidden_layers": (_positive_int, "a positive integer"),
         "activation": _one_of(ACTIVATIONS),
         "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "filters": (
+            lambda v: isinstance(v, list) and v and all(_positive_int(f) for f in v),
+            "a non-empty list of positive integers, e.g. [32, 64]",
+        ),
+        "kernel_size": (_positive_int, "a positive integer"),
     },
     "train": {
         "optimizer": _one_of(OPTIMIZERS),
@@ -122,7 +128,7 @@ SCHEMA = {
         ),
         "batch_size": (_positive_int, "a positive integer"),
         "epochs": (_positive_int, "a positive integer"),
-        "jit_compile": (lambda v: isinstance(v, bool), "true or false"),
+        "jit_compile": (lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
         "precision": _one_of(PRECISIONS),
     },
     "plot": {

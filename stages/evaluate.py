@@ -27,7 +27,7 @@ CONFUSION = Path("metrics/confusion_matrix.csv")
 def predict(x, divisor):
     keras = import_keras()
     model = keras.saving.load_model(require(MODEL_FILE, "train"), safe_mode=True)
-    x = x.reshape(len(x), -1).astype("float32") / np.float32(divisor)
+    x = x.reshape(len(x), *model.input_shape[1:]).astype("float32") / np.float32(divisor)  # MLP or CNN
     return model.predict(x, batch_size=len(x), verbose=0)  # the whole split in one compiled call
 
 

@@ -1,33 +1,58 @@
-"""Stage train: build the MLP from params.yaml, train it, and keep the best epoch by val_loss.
+"""Stage train: build the MLP or CNN from params.yaml, train it, and keep the best epoch by val_loss.
 
 The loop is the Keras guide "Writing a training loop from scratch in TensorFlow", with one
 compiled call per epoch: the same model, optimizer, loss and dropout as `fit`, without its
 per-step Python and with XLA fusing dropout, the optimizer's element-wise passes and the metrics.
 """
 
+import math
 import os
 import statistics
 import time
 from pathlib import Path
 
-from common import MODEL_FILE, atomic_path, import_keras, load_params, load_split, run, save_model
+from common import (
+    MODEL_FILE,
+    PipelineError,
+    atomic_path,
+    import_keras,
+    load_params,
+    load_split,
+    run,
+    save_model,
+)
 
 LIVE_DIR = Path("metrics/train")  # DVCLive: per-epoch history and final metrics
 SUMMARY_FILE = Path("metrics/model_summary.txt")
 
 
-def build_model(p, input_dim=784, classes=10):
-    """784 -> hidden_layers x (Dense hidden_units, activation, Dropout) -> 10 softmax."""
+def build_model(p, image_shape=(28, 28), classes=10):
+    """The model of p["type"]: the classic MLP or the Keras example "Simple MNIST convnet"."""
     import keras
 
-    layers = [keras.Input((input_dim,))]
-    for _ in range(p["hidden_layers"]):
-        layers.append(keras.layers.Dense(p["hidden_units"], activation=p["activation"]))
+    if p["type"] == "cnn":
+        # Conv blocks of `filters`, each halved by pooling, then dropout and the classifier.
+        layers = [keras.Input((*image_shape, 1))]
+        for filters in p["filters"]:
+            layers.append(keras.layers.Conv2D(filters, p["kernel_size"], activation=p["activation"]))
+            layers.append(keras.layers.MaxPooling2D(2))
+        layers.append(keras.layers.Flatten())
         if p["dropout"] > 0:
             layers.append(keras.layers.Dropout(p["dropout"]))
+    else:  # 784 -> hidden_layers x (Dense hidden_units, activation, Dropout)
+        layers = [keras.Input((math.prod(image_shape),))]
+        for _ in range(p["hidden_layers"]):
+            layers.append(keras.layers.Dense(p["hidden_units"], activation=p["activation"]))
+            if p["dropout"] > 0:
+                layers.append(keras.layers.Dropout(p["dropout"]))
     # float32 softmax even under mixed precision, where bfloat16 probabilities would be too coarse.
     layers.append(keras.layers.Dense(classes, activation="softmax", dtype="float32"))
-    return keras.Sequential(layers, name="mlp")
+    return keras.Sequential(layers, name=p["type"])
+
+
+def model_inputs(model, x):
+    """The uint8 images [N, 28, 28] in the shape the model takes: (N, 784) or (N, 28, 28, 1)."""
+    return x.reshape(len(x), *model.input_shape[1:])
 
 
 def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
@@ -40,7 +65,7 @@ def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
     import tensorflow as tf
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    images, labels = tf.constant(x.reshape(len(x), -1)), tf.constant(y.astype("int32"))
+    images, labels = tf.constant(model_inputs(model, x)), tf.constant(y.astype("int32"))
     weights = model.trainable_weights
     full = len(x) // batch_size  # the last, smaller batch gets a call of its own (static shapes)
 
@@ -105,12 +130,14 @@ def train(params, model_path, live_dir):
     keras.mixed_precision.set_global_policy(t["precision"])
     x, y, divisor = load_split("train")
     x_val, y_val, _ = load_split("val")
-    model = build_model(params["model"], input_dim=x[0].size)
+    model = build_model(params["model"], image_shape=x.shape[1:])
+    # XLA fuses the MLP's element-wise passes; the CNN cannot use it (check_cnn, README "A CNN").
+    jit = t["jit_compile"] if t["jit_compile"] != "auto" else params["model"]["type"] == "mlp"
     config = {} if t["learning_rate"] is None else {"learning_rate": t["learning_rate"]}
     optimizer = keras.optimizers.get({"class_name": t["optimizer"], "config": config})
     optimizer.build(model.trainable_weights)  # its slots must exist before tracing
-    train_epoch, evaluate = make_steps(model, optimizer, x, y, divisor, t["batch_size"], t["jit_compile"])
-    val = (tf.constant(x_val.reshape(len(x_val), -1)), tf.constant(y_val.astype("int32")))
+    train_epoch, evaluate = make_steps(model, optimizer, x, y, divisor, t["batch_size"], jit)
+    val = (tf.constant(model_inputs(model, x_val)), tf.constant(y_val.astype("int32")))
     samples, best, seconds = tf.range(len(x)), None, []
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
         start = time.perf_counter()
@@ -142,13 +169,31 @@ def train(params, model_path, live_dir):
             first_epoch_seconds=round(seconds[0], 3),  # includes tracing and XLA compilation
             epoch_seconds=round(statistics.median(seconds[1:] or seconds), 3),  # median of the rest
             samples_per_second=round(len(x) * t["epochs"] / total, 1),
-            jit_compile=t["jit_compile"],
+            jit_compile=jit,  # as run: `auto` resolved
         )
     return model, live.summary
 
 
+def check_cnn(p, t, side=28):
+    """Fail before TensorFlow on a CNN that cannot run: too many blocks, or XLA asked for."""
+    if t["jit_compile"] is True:  # `auto` and false run the CNN without XLA
+        raise PipelineError(
+            "params.yaml: train.jit_compile true cannot train the CNN: XLA has no deterministic MaxPool "
+            "gradient (and is slower here); use auto or false"
+        )
+    for _ in p["filters"]:
+        side = (side - p["kernel_size"] + 1) // 2  # a "valid" convolution, then 2x2 pooling
+        if side < 1:
+            raise PipelineError(
+                f"params.yaml: model.filters {p['filters']} with model.kernel_size {p['kernel_size']} "
+                "shrink the 28x28 image to nothing; use fewer blocks or a smaller kernel"
+            )
+
+
 def main():
     params = load_params("seed", "model", "train")  # before TensorFlow: a typo fails in milliseconds
+    if params["model"]["type"] == "cnn":
+        check_cnn(params["model"], params["train"])
     with atomic_path(MODEL_FILE) as model_path, atomic_path(LIVE_DIR) as live_dir:
         model, summary = train(params, model_path, live_dir)
     lines = []

@@ -108,18 +108,27 @@ def ci(interval, spec):
     return NONE if interval is None else f"{interval[0]:{spec}} to {interval[1]:{spec}}"
 
 
+FINAL = (("loss", ".4f"), ("accuracy", ".2%"), ("val_loss", ".4f"), ("val_accuracy", ".2%"))
+
+
+def with_published(ours, theirs, spec):
+    """ "ours (published)": a source may publish only the test accuracy."""
+    return f"{ours:{spec}} ({NONE if theirs is None else format(theirs, spec)})"
+
+
 def tables(frame, summary, study):
     refs = {exp["name"]: exp["reference"] for exp in study}
     acc = [
-        "| variant | change | n | mean | 95% CI | sd (pp) | min | max | Δ baseline (pp, paired) "
+        "| variant | change | n | mean | 95% CI | sd (pp) | min | max | compared with | Δ (pp, paired) "
         "| 95% CI (pp) | published |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for s in summary:
         acc.append(
             f"| {s['variant']} | {s['change']} | {s['n']} | {s['acc_mean']:.2f}% | "
             f"{ci(s['acc_ci'], '.2f')} | {cell(s['acc_sd'], '.2f')} | {s['acc_min']:.2f}% | "
-            f"{s['acc_max']:.2f}% | {cell(s.get('diff'), '+.2f')} | {ci(s.get('diff_ci'), '+.2f')} | "
+            f"{s['acc_max']:.2f}% | {s.get('compare_to') or NONE} | {cell(s.get('diff'), '+.2f')} | "
+            f"{ci(s.get('diff_ci'), '+.2f')} | "
             f"{s['published']:.2f}% |"
         )
     loss = ["| variant | n | mean | sd | min | max |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -136,10 +145,9 @@ def tables(frame, summary, study):
     for variant, group in frame.groupby("variant", sort=False):
         ref, m = refs[variant], group.mean(numeric_only=True)
         epochs = sorted(set(group["best_epoch"]))
+        pairs = [with_published(m[key], ref.get(key), spec) for key, spec in FINAL]
         final.append(
-            f"| {variant} | {m['loss']:.4f} ({ref['loss']:.4f}) | {100 * m['accuracy']:.2f}% "
-            f"({100 * ref['accuracy']:.2f}%) | {m['val_loss']:.4f} ({ref['val_loss']:.4f}) | "
-            f"{100 * m['val_accuracy']:.2f}% ({100 * ref['val_accuracy']:.2f}%) | "
+            f"| {variant} | {' | '.join(pairs)} | "
             f"{epochs[0]}{f' to {epochs[-1]}' if len(epochs) > 1 else ''} | {m['train_seconds']:.1f} s | "
             f"{int(group['params'].iloc[0]):,} |"
         )
@@ -167,8 +175,28 @@ def baseline_spread(summary, frame):
 def paragraph(s, exp):
     text = [f"**{s['variant']}** ({s['change']}):"]
     if "verdict" in s:
-        text.append(f"against the baseline, {s['verdict']}.")
+        text.append(f"against {s['compare_to']}, {s['verdict']}.")
     text.append(s["placement"])
+    if s.get("params") is not None and s.get("other_params") is not None:
+        fewer = "fewer" if s["params"] < s["other_params"] else "not fewer"
+        lo, hi = s["diff_ci"] or (None, None)
+        higher = (
+            f"{s['diff']:+.2f} points of accuracy on one seed (no interval)"
+            if lo is None
+            else "higher accuracy"
+            if lo > 0
+            else "lower accuracy"
+            if hi < 0
+            else "no accuracy difference detected"
+        )
+        ratio = s["params"] / s["other_params"]
+        text.append(
+            f"It has {s['params']:,} parameters against {s['other_params']:,} for {s['compare_to']}"
+            f" ({ratio:.2f}x) and trains in {s['train_seconds']:.1f} s against {s['other_seconds']:.1f} s"
+            f" (mean per run): {fewer} parameters, {higher}."
+        )
+    if exp["reference"].get("source"):
+        text.append(f"Published: {exp['reference']['source']}.")
     if abs(s["acc_mean"] - s["published"]) > 1 and exp.get("known_difference"):
         text.append(f"Known difference: {exp['known_difference']}")
     return " ".join(text)
@@ -207,7 +235,8 @@ def render(frame, study, missing, figures):
 
 
 def accuracy_figure(frame, summary, path):
-    """Per variant: one dot per seed, the mean with its CI, the published run as a star; then paired Δ."""
+    """Per variant: one dot per seed, the mean with its CI, the published run as a star; then paired Δ
+    from the variant it is compared with."""
     fig = plt.figure(figsize=(max(9, 1.5 * len(summary)), 8), layout="constrained")
     top, bottom = fig.subfigures(2, 1)
     rng = np.random.default_rng(0)  # jitter only
@@ -227,9 +256,9 @@ def accuracy_figure(frame, summary, path):
     top.legend(*top.axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3)
     top.suptitle("Test accuracy per variant (each panel has its own scale)")
     ax = bottom.subplots()
-    base = frame[frame["variant"] == BASELINE].set_index("seed")["test_accuracy"]
     others = [s for s in summary if "diff" in s]
     for y, s in enumerate(others):
+        base = frame[frame["variant"] == s["compare_to"]].set_index("seed")["test_accuracy"]
         runs = frame[frame["variant"] == s["variant"]].set_index("seed")["test_accuracy"]
         diffs = (100 * (runs - base)).dropna()
         ax.scatter(
@@ -241,11 +270,11 @@ def accuracy_figure(frame, summary, path):
     ax.axvline(0, color="grey", lw=1)
     ax.set_xscale("symlog", linthresh=1)  # tenths of a point and tens of points on one axis
     ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
-    ax.set_yticks(range(len(others)), [s["variant"] for s in others])
+    ax.set_yticks(range(len(others)), [f"{s['variant']}\nvs {s['compare_to']}" for s in others])
     ax.set_ylim(len(others) - 0.5, -0.5)  # study order, top down
     ax.set(
-        xlabel="test accuracy minus the baseline's at the same seed (pp; linear within ±1, log beyond)",
-        title="Difference from the baseline, paired by seed",
+        xlabel="test accuracy minus the compared variant's at the same seed (pp; linear within ±1, log out)",
+        title="Difference from the compared variant (the baseline unless `compare_to`), paired by seed",
     )
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))  # one entry per kind, not per variant

@@ -7,9 +7,8 @@ test_loss as fractions and losses); accuracies come out in percent, differences 
 import math
 
 from scipy import stats
-from study import describe
+from study import BASELINE, describe
 
-BASELINE = "baseline"  # the variant every other one is compared with, seed by seed
 LEVEL = 0.95  # of every interval in the report
 
 
@@ -57,12 +56,14 @@ def placement(published, n, low, high, prediction):
 
 
 def summarize(frame, study):
-    """One dict per variant that has runs in `frame`, in study order: spread, paired difference, verdicts."""
+    """One dict per variant that has runs in `frame`, in study order: spread, paired difference from
+    its `compare_to` variant, verdicts, and (where the table has them) parameters and training time."""
     frame = frame.assign(acc=100 * frame["test_accuracy"])
-    base = frame[frame["variant"] == BASELINE].set_index("seed")["acc"]
-    published_base = next(
-        (100 * e["reference"]["test_accuracy"] for e in study if e["name"] == BASELINE), None
-    )
+    published = {e["name"]: 100 * e["reference"]["test_accuracy"] for e in study}
+    cost = {}  # variant -> (parameters, mean training seconds)
+    if {"params", "train_seconds"} <= set(frame.columns):
+        grouped = frame.groupby("variant")
+        cost = {v: (int(g["params"].iloc[0]), g["train_seconds"].mean()) for v, g in grouped}
     out = []
     for exp in study:
         runs = frame[frame["variant"] == exp["name"]].sort_values("seed")
@@ -76,13 +77,17 @@ def summarize(frame, study):
         # The estimated mean varies by sd / sqrt(n); one more run by sd around it, too.
         row["acc_ci"] = t_interval(mean, sd / math.sqrt(n), n)
         row["prediction"] = t_interval(mean, sd * math.sqrt(1 + 1 / n), n)
-        row["published"] = 100 * exp["reference"]["test_accuracy"]
+        row["published"] = published[exp["name"]]
         row["placement"] = placement(row["published"], n, low, high, row["prediction"])
-        if exp["name"] != BASELINE and not base.empty:
+        row["params"], row["train_seconds"] = cost.get(exp["name"], (None, None))
+        other = exp.get("compare_to", None if exp["name"] == BASELINE else BASELINE)
+        base = frame[frame["variant"] == other].set_index("seed")["acc"]
+        if other is not None and not base.empty:
             diffs = (runs.set_index("seed")["acc"] - base).dropna()  # the seeds both have run
             k, diff, diff_sd = spread(diffs)[:3]
             row.update(pairs=k, diff=diff, diff_ci=t_interval(diff, diff_sd / math.sqrt(k), k) if k else None)
-            row["published_diff"] = row["published"] - published_base
-            row["verdict"] = verdict(diff, row["diff_ci"]) if k else "no seed in common with the baseline"
+            row.update(compare_to=other, published_diff=row["published"] - published[other])
+            row["verdict"] = verdict(diff, row["diff_ci"]) if k else f"no seed in common with {other}"
+            row["other_params"], row["other_seconds"] = cost.get(other, (None, None))
         out.append(row)
     return out

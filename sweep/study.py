@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 
 STUDY = Path("ablations.yaml")
+BASELINE = "baseline"  # the variant the others are compared with, seed by seed, unless they say `compare_to`
+# What a published run may report (fractions and losses); test_accuracy is the one every variant needs.
 REFERENCE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "test_accuracy")
 
 
@@ -27,8 +29,10 @@ def read_study(path):
 
 
 def load_study(path=STUDY):
-    """The experiments of the study file, checked: unique names, dotted overrides, five reference numbers."""
+    """The experiments of the study file, checked: unique names, dotted overrides, a published test
+    accuracy, and `compare_to` (default the baseline) naming another variant."""
     entries = read_study(path)["experiments"]
+    names = {exp.get("name") for exp in entries if isinstance(exp, dict)}
     seen = set()
     for i, exp in enumerate(entries):
         name = exp.get("name") if isinstance(exp, dict) else None
@@ -40,9 +44,17 @@ def load_study(path=STUDY):
             fail(f"{path}: {name}: `set` cannot hold seed; every variant runs at each of `seeds:`")
         if not isinstance(exp["set"], dict) or not all("." in k for k in exp["set"]):
             fail(f"{path}: {name}: `set` must map dotted params to values, e.g. model.dropout: 0")
-        missing = [k for k in REFERENCE_KEYS if k not in (exp.get("reference") or {})]
-        if missing:
-            fail(f"{path}: {name}: reference lacks {', '.join(missing)}")
+        reference = exp.get("reference")
+        if not isinstance(reference, dict) or "test_accuracy" not in reference:
+            fail(f"{path}: {name}: reference needs at least the published test_accuracy (a fraction)")
+        unknown = sorted(set(reference) - {*REFERENCE_KEYS, "source"})
+        if unknown:
+            allowed = ", ".join((*REFERENCE_KEYS, "source"))
+            fail(f"{path}: {name}: reference has {', '.join(unknown)}; it may hold {allowed}")
+        exp.setdefault("compare_to", None if name == BASELINE else BASELINE)
+        other = exp["compare_to"]
+        if other is not None and (other == name or other not in names):
+            fail(f"{path}: {name}: compare_to must name another variant of the study, got {other!r}")
     return entries
 
 

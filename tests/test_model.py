@@ -21,7 +21,15 @@ def layers_of(model, kind):
 
 
 def test_baseline_is_the_classic_mlp(baseline):
-    assert baseline == {"hidden_units": 512, "hidden_layers": 2, "activation": "relu", "dropout": 0.2}
+    assert baseline == {
+        "type": "mlp",
+        "hidden_units": 512,
+        "hidden_layers": 2,
+        "activation": "relu",
+        "dropout": 0.2,
+        "filters": [32, 64],  # the CNN's own, unused by the MLP
+        "kernel_size": 3,
+    }
     model = build_model(baseline)
     assert model.count_params() == 669_706
     assert model.input_shape == (None, 784)
@@ -73,8 +81,8 @@ def test_dropout_rate_follows_params(baseline):
     assert kinds == ["Dense", "Dropout"] * 3 + ["Dense"]
 
 
-def test_input_dim_and_classes_are_arguments(baseline):
-    model = build_model(baseline, input_dim=100, classes=3)
+def test_image_shape_and_classes_are_arguments(baseline):
+    model = build_model(baseline, image_shape=(10, 10), classes=3)
     assert model.input_shape == (None, 100)
     assert model.output_shape == (None, 3)
 
@@ -104,3 +112,48 @@ def test_every_allowed_optimizer_is_a_keras_optimizer(name):
     assert isinstance(keras.optimizers.get({"class_name": name, "config": {}}), keras.optimizers.Optimizer)
     custom = keras.optimizers.get({"class_name": name, "config": {"learning_rate": 0.0123}})
     assert float(custom.learning_rate) == pytest.approx(0.0123)
+
+
+def test_the_mlp_is_the_one_main_built_before_the_cnn(baseline):
+    """Adding the CNN changed nothing of the MLP: same config, layer names and initial weights as
+    the builder of main before model.type existed (written out here), so dvc.lock's MLP reproduces."""
+    keras.backend.clear_session()  # layer names count up per session: start both from "dense"
+    keras.utils.set_random_seed(0)
+    old = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10, activation="softmax", dtype="float32"),
+        ],
+        name="mlp",
+    )
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    new = build_model(baseline)
+    assert new.get_config() == old.get_config()
+    for a, b in zip(new.get_weights(), old.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_cnn_is_the_keras_simple_mnist_convnet(baseline):
+    model = build_model({**baseline, "type": "cnn", "dropout": 0.5})
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dropout", "Dense"]
+    assert model.input_shape == (None, 28, 28, 1)
+    # conv 3x3x1x32 + 32, conv 3x3x32x64 + 64, then 28 -> 26 -> 13 -> 11 -> 5: 5x5x64 inputs to 10 classes
+    assert model.count_params() == (9 * 32 + 32) + (9 * 32 * 64 + 64) + (5 * 5 * 64 * 10 + 10) == 34_826
+    conv = layers_of(model, keras.layers.Conv2D)
+    assert [c.filters for c in conv] == [32, 64] and [c.kernel_size for c in conv] == [(3, 3)] * 2
+    assert [c.activation.__name__ for c in conv] == ["relu", "relu"]
+    assert layers_of(model, keras.layers.Dropout)[0].rate == 0.5
+    assert model.name == "cnn"
+
+
+def test_cnn_blocks_kernel_and_dropout_follow_params(baseline):
+    model = build_model({**baseline, "type": "cnn", "filters": [8], "kernel_size": 5, "dropout": 0})
+    assert [type(layer).__name__ for layer in model.layers] == ["Conv2D", "MaxPooling2D", "Flatten", "Dense"]
+    # 28 -> 24 -> 12: 12x12x8 inputs to the classifier
+    assert model.count_params() == (25 * 8 + 8) + (12 * 12 * 8 * 10 + 10)

@@ -91,6 +91,14 @@ BAD_VALUES = [  # (key, bad value, what the message must say besides "<key> must
     ("plot.samples", 0, "a positive integer, got 0"),
     ("data.dataset", "fashion", "one of mnist, fashion-mnist, got 'fashion' (did you mean fashion-mnist?)"),
     ("data.dataset", "MNIST", "one of mnist, fashion-mnist, got 'MNIST'"),
+    ("model.type", "convnet", "one of mlp, cnn, got 'convnet' (did you mean cnn?)"),
+    ("model.type", "CNN", "one of mlp, cnn, got 'CNN'"),
+    ("model.filters", [], "a non-empty list of positive integers, e.g. [32, 64], got []"),
+    ("model.filters", 32, "a non-empty list of positive integers, e.g. [32, 64], got 32"),
+    ("model.filters", [32, 0], "a non-empty list of positive integers, e.g. [32, 64], got [32, 0]"),
+    ("model.kernel_size", 0, "a positive integer, got 0"),
+    ("model.kernel_size", [3, 3], "a positive integer, got [3, 3]"),
+    ("train.jit_compile", "yes", "true, false or auto, got 'yes'"),
 ]
 
 
@@ -186,3 +194,25 @@ def test_missing_params_file(workdir):
 
 def test_the_committed_params_are_valid():
     assert load_params("seed", "data", "preprocess", "model", "train", "plot", path=ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"model.filters": [32, 64, 128], "model.kernel_size": 5},
+            "error: params.yaml: model.filters [32, 64, 128] with model.kernel_size 5 shrink the 28x28 image "
+            "to nothing; use fewer blocks or a smaller kernel",
+        ),
+        (
+            {"train.jit_compile": True},
+            "error: params.yaml: train.jit_compile true cannot train the CNN: XLA has no deterministic "
+            "MaxPool gradient (and is slower here); use auto or false",
+        ),
+    ],
+)
+def test_a_cnn_that_cannot_run_fails_before_tensorflow(workdir, change, expected):
+    # 28 -> (28 - 5 + 1) // 2 = 12 -> 4 -> 0: the third block has no pixels left. Three blocks of
+    # kernel 3 (28 -> 13 -> 5 -> 1) still fit, and the MLP ignores both keys.
+    set_params(workdir, {"model.type": "cnn", **change})
+    assert fail(workdir, "train") == expected

@@ -119,16 +119,96 @@ def test_one_seed_gives_a_report_without_intervals(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "out/ablations.md").read_text()
     assert "one seed only (0): no spread can be measured, no interval computed" in text
-    assert "| baseline | none | 1 | 98.11% | n/a | n/a | 98.11% | 98.11% | n/a | n/a | 98.02% |" in text
+    assert "| baseline | none | 1 | 98.11% | n/a | n/a | 98.11% | 98.11% | n/a | n/a | n/a | 98.02% |" in text
     assert (
-        "| no-dropout | model.dropout=0 | 1 | 97.89% | n/a | n/a | 97.89% | 97.89% | -0.22 | n/a | 97.57% |"
-        in text
+        "| no-dropout | model.dropout=0 | 1 | 97.89% | n/a | n/a | 97.89% | 97.89% | baseline | -0.22 | n/a "
+        "| 97.57% |" in text
     )
     assert "-0.22 points on one seed; no interval can be computed from a single pair" in text
     assert "one seed gives no range and no prediction interval" in text
     assert "extra overrides" not in text  # model.dropout is the variant's own
     assert "nan" not in text.lower()
     assert (tmp_path / "out/ablations.png").stat().st_size > 10_000
+
+
+T2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (tables: 4.303)
+FASHION = [
+    {
+        "name": "fashion-mlp",
+        "set": {"data.dataset": "fashion-mnist"},
+        "compare_to": None,
+        "reference": {"test_accuracy": 0.900, "source": "the MLP row"},
+    },
+    {
+        "name": "fashion-cnn",
+        "set": {"data.dataset": "fashion-mnist", "model.type": "cnn"},
+        "compare_to": "fashion-mlp",
+        "reference": {"test_accuracy": 0.916, "source": "the CNN row"},
+    },
+]
+
+
+def fashion_runs(path):
+    """Three seeds of each: the CNN 3.0, 2.6 and 3.4 points above the MLP, with far fewer parameters."""
+    rows = []
+    for seed, (mlp, cnn) in enumerate([(88.0, 91.0), (88.4, 91.0), (87.6, 91.0)]):
+        for variant, acc, params, seconds, kind in (
+            ("fashion-mlp", mlp, 669_706, 30.0, "mlp"),
+            ("fashion-cnn", cnn, 34_826, 60.0 + seed, "cnn"),
+        ):
+            rows.append(
+                {"name": f"{variant}-s{seed}", "variant": variant, "seed": seed}
+                | {"data.dataset": "fashion-mnist", "model.type": kind, "test_accuracy": acc / 100}
+                | {"test_loss": 0.3, "best_epoch": 9, "loss": 0.2, "accuracy": 0.92, "val_loss": 0.3}
+                | {"val_accuracy": 0.9, "train_seconds": seconds, "params": params, "rev": "0" * 40}
+            )
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_partial_reference_and_compare_to(tmp_path):
+    """A variant paired with the one it names (not the baseline), references of test accuracy only."""
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2], "experiments": FASHION}))
+    fashion_runs(tmp_path / "runs.csv")
+    cmd = [sys.executable, ROOT / "sweep/report.py", "--study", "study.yaml", "--from-csv", "runs.csv"]
+    proc = subprocess.run([*cmd, "--out", "out"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "out/ablations.md").read_text()
+    # Differences 3.0, 2.6, 3.4: mean 3.0, squared deviations 0.32 over 2 degrees of freedom.
+    half = T2 * math.sqrt(0.16 / 3)
+    assert round(3 - half, 2) == 2.01 and round(3 + half, 2) == 3.99
+    assert "against fashion-mlp, better by 3.00 points (95% CI 2.01 to 3.99)." in text
+    assert "| 91.00% | fashion-mlp | +3.00 | +2.01 to +3.99 | 91.60% |" in text
+    assert "| 88.40% | n/a | n/a | n/a | 90.00% |" in text  # fashion-mlp: compared with nothing
+    assert "**fashion-mlp** (data.dataset=fashion-mnist): The published 90.00%" in text
+    # The final-epoch table shows what the sources did not publish as n/a.
+    assert (
+        "| fashion-cnn | 0.2000 (n/a) | 92.00% (n/a) | 0.3000 (n/a) | 90.00% (n/a) | 9 | 61.0 s | 34,826 |"
+        in text
+    )
+    assert (
+        "It has 34,826 parameters against 669,706 for fashion-mlp (0.05x) and trains in 61.0 s against 30.0 s"
+        " (mean per run): fewer parameters, higher accuracy." in text
+    )
+    assert "Published: the CNN row." in text
+    assert "nan" not in text.lower()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"compare_to": "fashion-mpl"}, "fashion-cnn: compare_to must name another variant of the study"),
+        ({"compare_to": "fashion-cnn"}, "fashion-cnn: compare_to must name another variant of the study"),
+        ({"reference": {"source": "x"}}, "fashion-cnn: reference needs at least the published test_accuracy"),
+        ({"reference": {"test_accuracy": 0.9, "tst_loss": 0.3}}, "fashion-cnn: reference has tst_loss;"),
+    ],
+)
+def test_bad_compare_to_or_reference(tmp_path, change, message):
+    study = {"seeds": [0], "experiments": [FASHION[0], {**FASHION[1], **change}]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    cmd = [sys.executable, ROOT / "sweep/report.py", "--study", "study.yaml", "--from-csv", "x.csv"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: study.yaml: {message}"), proc.stderr
 
 
 def test_runs_names_overrides_and_order():

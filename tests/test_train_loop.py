@@ -1,4 +1,4 @@
-"""The train stage's compiled loop does what `fit` does: same model, optimizer, loss and batches."""
+"""The train stage's compiled loop does what `fit` does: same model (MLP, CNN), optimizer, loss, batches."""
 
 from common import ACTIVATIONS, OPTIMIZERS
 
@@ -21,26 +21,27 @@ def data(seed=0):
     return x, y
 
 
-def model_and_optimizer(optimizer="rmsprop", activation="relu", dropout=0.0, seed=0):
+def model_and_optimizer(optimizer="rmsprop", activation="relu", dropout=0.0, seed=0, kind="mlp"):
     keras.utils.set_random_seed(seed)
-    p = {"hidden_units": 32, "hidden_layers": 2, "activation": activation, "dropout": dropout}
-    model = build_model(p)
+    p = {"type": kind, "hidden_units": 32, "hidden_layers": 2, "activation": activation, "dropout": dropout}
+    model = build_model({**p, "filters": [4, 8], "kernel_size": 3})
     opt = keras.optimizers.get(optimizer)
     opt.build(model.trainable_weights)
     return model, opt
 
 
-@pytest.mark.parametrize("jit", [True, False])
-def test_one_epoch_matches_fit_on_the_same_batches(jit):
+@pytest.mark.parametrize(("kind", "jit"), [("mlp", True), ("mlp", False), ("cnn", False)])
+def test_one_epoch_matches_fit_on_the_same_batches(kind, jit):
     x, y = data()
     order = np.random.default_rng(1).permutation(N).astype("int32")
-    ours, opt = model_and_optimizer()
+    ours, opt = model_and_optimizer(kind=kind)
     train_epoch, evaluate = make_steps(ours, opt, x, y, 255.0, BATCH, jit)
     loss, accuracy = train_epoch(tf.constant(order))
 
-    theirs, _ = model_and_optimizer()  # same seed: same initial weights
+    theirs, _ = model_and_optimizer(kind=kind)  # same seed: same initial weights
     theirs.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    xs = x[order].reshape(N, -1).astype("float32") / 255
+    shape = theirs.input_shape[1:]  # (784,) or (28, 28, 1)
+    xs = x[order].reshape(N, *shape).astype("float32") / 255
     history = theirs.fit(xs, y[order], batch_size=BATCH, epochs=1, shuffle=False, verbose=0).history
 
     for a, b in zip(ours.get_weights(), theirs.get_weights(), strict=True):
@@ -48,9 +49,9 @@ def test_one_epoch_matches_fit_on_the_same_batches(jit):
     assert loss == pytest.approx(history["loss"][0], rel=1e-4)
     assert accuracy == pytest.approx(history["accuracy"][0], abs=1e-6)
     val_loss, val_accuracy = (
-        float(v) for v in evaluate(tf.constant(x.reshape(N, -1)), tf.constant(y.astype("int32")))
+        float(v) for v in evaluate(tf.constant(x.reshape(N, *shape)), tf.constant(y.astype("int32")))
     )
-    expected = theirs.evaluate(x.reshape(N, -1).astype("float32") / 255, y, verbose=0)
+    expected = theirs.evaluate(x.reshape(N, *shape).astype("float32") / 255, y, verbose=0)
     assert val_loss == pytest.approx(expected[0], rel=1e-4)
     assert val_accuracy == pytest.approx(expected[1], abs=1e-6)
 

@@ -1,0 +1,48 @@
+"""model.type: cnn through the real stages on synthetic digits: train, evaluate, plot and predict."""
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run, run_stage, set_params
+from PIL import Image
+
+KERAS_EXAMPLE_PARAMS = 34_826  # Conv2D 32 + Conv2D 64 (3x3, 2x2 pooling) + Dense 10: keras.io's count
+
+
+@pytest.fixture
+def cnn(prepared):
+    """A small project after train, evaluate and plot with the default CNN (one epoch)."""
+    set_params(prepared, {"model.type": "cnn", "train.epochs": 1})
+    out = {name: run_stage(name, prepared).stdout for name in ("train", "evaluate", "plot")}
+    return prepared, out
+
+
+def test_the_cnn_trains_evaluates_and_plots(cnn):
+    keras = pytest.importorskip("keras")
+    work, out = cnn
+    metrics = json.loads((work / "metrics/train/metrics.json").read_text())
+    assert metrics["params"] == KERAS_EXAMPLE_PARAMS
+    assert metrics["jit_compile"] is False  # `auto`: no XLA for the CNN
+    assert f"{KERAS_EXAMPLE_PARAMS:,} parameters" in out["train"]
+    assert "Conv2D" in (work / "metrics/model_summary.txt").read_text()
+
+    # evaluate fed the checkpoint images of shape (28, 28, 1): its accuracy is the model's own on them
+    model = keras.saving.load_model(work / "data/model.keras")
+    assert model.input_shape == (None, 28, 28, 1)
+    with np.load(work / "data/prepared/test.npz") as f:
+        x, y, divisor = f["x"], f["y"], float(f["divisor"])
+    probs = model.predict(x[..., None].astype("float32") / divisor, verbose=0)
+    accuracy = json.loads((work / "metrics/evaluate.json").read_text())["test_accuracy"]
+    assert accuracy == pytest.approx((probs.argmax(axis=1) == y).mean())
+    predicted = pd.read_csv(work / "metrics/predictions.csv")["predicted"]
+    np.testing.assert_array_equal(predicted, probs.argmax(axis=1))
+    figures = {p.name for p in (work / "metrics/figures").glob("*.png")}
+    assert {"learning_curves.png", "confusion_matrix.png", "misclassified.png"} <= figures
+
+    # predict reshapes to the CNN's input too (its preprocessing has tests of its own in test_predict.py)
+    Image.fromarray(255 - x[0]).resize((112, 112), Image.NEAREST).save(work / "digit.png")
+    result = json.loads(run([sys.executable, "stages/predict.py", "--json", "digit.png"], work).stdout)
+    assert result["class"] in range(10) and len(result["top3"]) == 3
