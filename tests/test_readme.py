@@ -25,7 +25,7 @@ BLOCK = re.compile(
     re.escape(MARK) + r"(?P<why>.+?) -->\n```bash\n(?P<code>.*?)```|```bash\n(?P<run>.*?)```", re.S
 )
 PLAIN_PATH = "/usr/local/bin:/usr/bin:/bin"  # no virtualenv, no pyenv shims
-STUDY = {"baseline", "no-dropout", "no-relu"}  # the variants the README's commands name
+STUDY = {"baseline", "no-dropout", "no-relu", "fashion-mlp"}  # the README's, and one on Fashion-MNIST
 
 
 def blocks():
@@ -74,6 +74,7 @@ def clone(tmp_path, synthetic_env):
 
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared/mnist").symlink_to(synthetic_env["MNIST_MIRROR"])
+    (tmp_path / "shared/fashion-mnist").symlink_to(synthetic_env["FASHION_MNIST_MIRROR"])
     home = tmp_path / "home"
     (home / "my-idx").mkdir(parents=True)
     for gz in sorted(os.listdir(synthetic_env["MNIST_MIRROR"])):
@@ -82,7 +83,8 @@ def clone(tmp_path, synthetic_env):
     glyph(2, work / "two.png")
     glyph(7, work / "seven.jpg")
     env = {"PATH": PLAIN_PATH, "HOME": str(home), "LANG": "C.UTF-8"}
-    env["MNIST_SHA256SUMS"] = synthetic_env["MNIST_SHA256SUMS"]  # the synthetic data's checksums
+    for name in ("MNIST_SHA256SUMS", "FASHION_MNIST_SHA256SUMS"):  # the synthetic data's checksums
+        env[name] = synthetic_env[name]
     assert shutil.which("dvc", path=PLAIN_PATH) is None and shutil.which("python", path=PLAIN_PATH) is None
     return work, env
 
