@@ -56,7 +56,7 @@ plots-template: setup  ## rebuild .dvc/offline-plots/ (vega for `dvc plots` offl
 
 # The ablation study (ablations.yaml): every variant at every seed as a named DVC experiment, then
 # its report. SEEDS="0 1" and ONLY=baseline,sgd narrow it; SET="k=v ..." adds overrides to every run;
-# JOBS=N runs N at once, each with cores/N training threads; FORCE=1 re-runs existing ones.
+# JOBS=N runs N at once (default 2), each with cores/N training threads; FORCE=1 re-runs existing ones.
 # With RAY_ADDRESS set, one Ray task per run on that cluster instead (`make setup-cluster` first;
 # CPUS=N per run).
 STUDY_ARGS = $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(ONLY),--only $(ONLY))

@@ -66,7 +66,13 @@ def test_make_ablations_and_report_match_dvc(study_project, synthetic_env):
     project = study_project
     params_before = (project / "params.yaml").read_text()
     out = make(
-        project, "ablations", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1", env=synthetic_env
+        project,
+        "ablations",
+        "JOBS=1",
+        "SEEDS=0 1",
+        "ONLY=baseline,no-dropout",
+        "SET=train.epochs=1",
+        env=synthetic_env,
     )
     assert "ablations: 4 run, 0 skipped, 0 failed" in out
     assert "Stage 'preprocess' is cached - skipping run" in out  # each seed's split is made once
@@ -117,7 +123,13 @@ def test_make_ablations_and_report_match_dvc(study_project, synthetic_env):
 
     # Re-running skips what exists; `make report` alone gives the same report.
     again = make(
-        project, "ablations", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1", env=synthetic_env
+        project,
+        "ablations",
+        "JOBS=1",
+        "SEEDS=0 1",
+        "ONLY=baseline,no-dropout",
+        "SET=train.epochs=1",
+        env=synthetic_env,
     )
     assert "ablations: 0 run, 4 skipped, 0 failed" in again
     make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", env=synthetic_env)
@@ -178,11 +190,11 @@ def test_parallel_runs_skip_and_replace(toy_project):
 
     again = sweep(project, "--seeds", "0 1", "--jobs", "2")
     assert "ablations: 0 run, 4 skipped, 0 failed" in again and "skip no-dropout-s1" in again
-    replaced = sweep(project, "--only", "no-dropout", "--seeds", "1", "train.epochs=2")
+    replaced = sweep(project, "--only", "no-dropout", "--seeds", "1", "--jobs", "1", "train.epochs=2")
     assert "replace no-dropout-s1" in replaced and "train.epochs 1 -> 2" in replaced
     assert sorted(found(project)) == sorted(dvc)  # renamed back, not a second experiment
     assert found(project)["no-dropout-s1"]["params"]["train.epochs"] == 2
-    assert "threads" not in found(project)["no-dropout-s1"]["metrics"]["m.json"]  # alone: unset (null)
+    assert "threads" not in found(project)["no-dropout-s1"]["metrics"]["m.json"]  # --jobs 1: unset (null)
     # A replacement that fails keeps the previous run under its name, and says why it failed.
     failed = sweep(
         project, "--only", "no-dropout", "--seeds", "1", "--jobs", "2", "train.epochs=0", check=False
