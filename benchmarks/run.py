@@ -26,6 +26,9 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "sweep"))
+from study import flatten  # noqa: E402  (the study's params.yaml -> dotted keys)
+
 HERE = ROOT / "benchmarks"
 WORK = HERE / ".work"  # scratch project copies, one per data configuration (git-ignored)
 # name: params.yaml overrides (dotted keys, as `dvc exp run -S`); a row is one line.
@@ -54,16 +57,6 @@ REFERENCE_FLAGS = {
     "train.precision": "--precision",
 }
 REFERENCE_SAME = ("data.", "preprocess.", "train.jit_compile")  # the data it reads; fit has no XLA knob
-
-
-def flatten(params, prefix=""):
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def with_overrides(params, overrides):

@@ -19,17 +19,14 @@ from pathlib import Path
 
 import yaml
 from study import (
-    STUDY,
+    add_selection_args,
     committed_params,
     describe,
     dvc,
     experiments,
     fail,
     format_value,
-    load_seeds,
-    load_study,
-    parse_seeds,
-    runs,
+    selected_runs,
 )
 
 KEPT = "-replaced"  # suffix of an experiment being replaced, until its new run succeeds
@@ -39,9 +36,7 @@ LOGS = Path(".dvc/tmp/ablations")  # one log per run when several run at once (g
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
-    p.add_argument("--study", default=str(STUDY), help="the study file (default %(default)s)")
-    p.add_argument("--seeds", help="seeds to run instead of the study's `seeds:`, e.g. '0 1' or 0,1")
-    p.add_argument("--only", help="comma-separated variant names: run only these")
+    add_selection_args(p, "run")
     # Two runs at once, one thread each, finished the nine-variant study 1.27x sooner than one after
     # another with two threads on a 2-core machine (`make bench`, README "Performance").
     jobs = min(2, len(os.sched_getaffinity(0)))
@@ -177,9 +172,7 @@ def settle_replaced(todo, problems):
 
 def main(argv=None):
     args = parse_args(argv)
-    study = load_study(args.study)
-    seeds = parse_seeds(args.seeds) if args.seeds else load_seeds(args.study)
-    wanted = runs(study, seeds, args.only.split(",") if args.only else None)
+    _, wanted = selected_runs(args)
     if args.jobs < 1:
         fail(f"--jobs must be a positive number of runs at once, got {args.jobs}")
     git = ["git", "status", "--porcelain", "--", "params.yaml", "dvc.yaml", "stages"]

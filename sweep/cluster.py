@@ -23,7 +23,7 @@ import ray
 from ablations import parse_overrides
 from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from study import STUDY, committed_params, fail, format_value, load_seeds, load_study, parse_seeds, runs
+from study import add_selection_args, committed_params, fail, format_value, selected_runs
 from tqdm import tqdm
 from worker import check_dvc_remote, dvc_remote_url
 
@@ -38,9 +38,7 @@ SWEEP = Path(__file__).resolve().parent
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
-    p.add_argument("--study", default=str(STUDY), help="the study file (default %(default)s)")
-    p.add_argument("--only", help="comma-separated variant names: run only these")
-    p.add_argument("--seeds", help="seeds to run instead of the study's `seeds:`, e.g. '0 1' or 0,1")
+    add_selection_args(p, "run")
     p.add_argument("--cpus", type=float, default=2, help="CPUs one training uses (%(default)s)")
     p.add_argument("--retries", type=int, default=3, help="times a run is retried when its node dies")
     p.add_argument("--force", action="store_true", help="re-run experiments that are already published")
@@ -55,11 +53,9 @@ def git(*args):
 
 def plan(args):
     """([(name, overrides)], extra overrides), after the checks that would otherwise fail every task."""
-    study = load_study(args.study)
-    names = args.only.split(",") if args.only else None
-    seeds = parse_seeds(args.seeds) if args.seeds else load_seeds(args.study)
+    _, wanted = selected_runs(args)
     extra, base = parse_overrides(args.set), committed_params()
-    todo = [(name, {**overrides, **extra}) for name, overrides in runs(study, seeds, names)]
+    todo = [(name, {**overrides, **extra}) for name, overrides in wanted]
     unknown = sorted({k for _, overrides in todo for k in overrides if k not in base})
     if unknown:
         fail(f"{', '.join(unknown)} not in params.yaml")

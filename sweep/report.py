@@ -20,15 +20,12 @@ import numpy as np
 import pandas as pd
 from stats import BASELINE, summarize
 from study import (
-    STUDY,
+    add_selection_args,
     committed_params,
     experiments,
     fail,
     format_value,
-    load_seeds,
-    load_study,
-    parse_seeds,
-    runs,
+    selected_runs,
 )
 
 # CSV column -> (metrics file, key): the test numbers are of the best epoch, the others of the last
@@ -62,10 +59,11 @@ def lookup(metrics, file, dotted):
     return value
 
 
-def collect(study, seeds, only, base):
-    """The per-run table from DVC: one row per finished run, with every param that any run overrides."""
+def collect(wanted, base):
+    """The per-run table from DVC: one row per finished run of `wanted` (runs()), with every param that
+    any run overrides."""
     found, rows = experiments(), []
-    for name, overrides in runs(study, seeds, only):
+    for name, overrides in wanted:
         run = found.get(name)
         if not run or run["state"] != "success":
             continue
@@ -315,20 +313,16 @@ def curves_figure(frame, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", default=str(STUDY))
-    p.add_argument("--seeds", help="the seeds to report instead of the study's, e.g. '0 1' or 0,1")
-    p.add_argument("--only", help="comma-separated variant names: report only these")
+    add_selection_args(p, "report")
     p.add_argument("--out", default="reports", help="folder for the report, CSV and figures")
     p.add_argument("--from-csv", type=Path, help="recompute the report from this CSV (no curves figure)")
     args = p.parse_args(argv)
-    study = load_study(args.study)
-    seeds = parse_seeds(args.seeds) if args.seeds else load_seeds(args.study)
-    only = args.only.split(",") if args.only else None
-    wanted = [name for name, _ in runs(study, seeds, only)]
+    study, selected = selected_runs(args)
+    wanted = [name for name, _ in selected]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.from_csv:
-        frame = collect(study, seeds, only, committed_params())
+        frame = collect(selected, committed_params())
         if frame.empty:
             fail("no finished run of the study; run `make ablations` first")
         frame.to_csv(out / "ablations.csv", index=False)

@@ -81,6 +81,20 @@ def parse_seeds(text):
     return seeds
 
 
+def add_selection_args(parser, verb):
+    """--study, --seeds and --only, as every command over the study takes them."""
+    parser.add_argument("--study", default=str(STUDY), help="the study file (default %(default)s)")
+    parser.add_argument("--seeds", help=f"seeds to {verb} instead of the study's `seeds:`, e.g. '0 1' or 0,1")
+    parser.add_argument("--only", help=f"comma-separated variant names: {verb} only these")
+
+
+def selected_runs(args):
+    """(the study, its runs()) for the --study, --seeds and --only that add_selection_args parsed."""
+    study = load_study(args.study)
+    seeds = parse_seeds(args.seeds) if args.seeds else load_seeds(args.study)
+    return study, runs(study, seeds, args.only.split(",") if args.only else None)
+
+
 def runs(study, seeds, only=None):
     """[(name, overrides)] for each variant (in study order) x seed: name f"{variant}-s{seed}",
     overrides {**variant["set"], "seed": seed}; `only` an iterable of variant names."""

@@ -18,6 +18,8 @@ sys.path.insert(0, str(ROOT / "sweep"))
 from study import experiments
 
 VARIANTS = ("baseline", "no-dropout")
+# JOBS=1: the runs' output comes to the terminal, where the test reads DVC's lines.
+SMOKE = ("ablations", "JOBS=1", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1")
 T1 = 12.706204736174704  # Student's t, 97.5% quantile, 1 degree of freedom (printed tables: 12.706)
 
 
@@ -65,15 +67,7 @@ def study_project(project):
 def test_make_ablations_and_report_match_dvc(study_project, synthetic_env):
     project = study_project
     params_before = (project / "params.yaml").read_text()
-    out = make(
-        project,
-        "ablations",
-        "JOBS=1",
-        "SEEDS=0 1",
-        "ONLY=baseline,no-dropout",
-        "SET=train.epochs=1",
-        env=synthetic_env,
-    )
+    out = make(project, *SMOKE, env=synthetic_env)
     assert "ablations: 4 run, 0 skipped, 0 failed" in out
     assert "Stage 'preprocess' is cached - skipping run" in out  # each seed's split is made once
     assert (project / "params.yaml").read_text() == params_before  # runs never touch the workspace
@@ -122,15 +116,7 @@ def test_make_ablations_and_report_match_dvc(study_project, synthetic_env):
         assert (project / "reports" / name).stat().st_size > 10_000
 
     # Re-running skips what exists; `make report` alone gives the same report.
-    again = make(
-        project,
-        "ablations",
-        "JOBS=1",
-        "SEEDS=0 1",
-        "ONLY=baseline,no-dropout",
-        "SET=train.epochs=1",
-        env=synthetic_env,
-    )
+    again = make(project, *SMOKE, env=synthetic_env)
     assert "ablations: 0 run, 4 skipped, 0 failed" in again
     make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", env=synthetic_env)
     assert (project / "reports/ablations.md").read_text() == report

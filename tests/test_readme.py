@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, copy_project, run
+from conftest import ROOT, copy_project, git_init, run
 from PIL import Image
 from synthetic_idx import templates
 
@@ -64,13 +64,9 @@ def clone(tmp_path, synthetic_env):
     # This checkout's .venv, never a new one: older than the installed marker, so make keeps it.
     installed = (ROOT / ".venv/.installed").stat().st_mtime
     os.utime(work / "requirements.txt", (installed - 60, installed - 60))
+    git_init(work)
     (work / ".venv").symlink_to(ROOT / ".venv")
-    run(["git", "init", "-q", "-b", "main"], work)
     (work / ".git/info/exclude").write_text(".venv\n")
-    for args in (["add", "-A"], ["commit", "-qm", "clone"]):
-        run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], work)
-    run(["git", "config", "user.name", "t"], work)
-    run(["git", "config", "user.email", "t@localhost"], work)
 
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared/mnist").symlink_to(synthetic_env["MNIST_MIRROR"])
