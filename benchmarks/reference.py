@@ -1,6 +1,7 @@
 """The plain Keras script the train stage is measured against: deliberately naive, tutorial style.
 
 Usage: python reference.py [--hidden-units 512 --batch-size 128 --epochs 10 ...] [--dataset data/prepared]
+`--model cnn`: the Keras example "Simple MNIST convnet" instead (--filters 32,64 --padding ...).
 `--dataset` is a directory of prepared train/val/test .npz files (the preprocess stage's output).
 Writes --out (JSON): per-epoch wall times, final validation accuracy, test accuracy of the best epoch.
 """
@@ -13,10 +14,15 @@ import keras
 import numpy as np
 
 parser = argparse.ArgumentParser()
+parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
 parser.add_argument("--hidden-units", type=int, default=512)
 parser.add_argument("--hidden-layers", type=int, default=2)
 parser.add_argument("--activation", default="relu")
 parser.add_argument("--dropout", type=float, default=0.2)
+parser.add_argument("--filters", type=lambda s: [int(f) for f in s.split(",")], default=[32, 64])
+parser.add_argument("--kernel-size", type=int, default=3)
+parser.add_argument("--padding", default="valid")
+parser.add_argument("--dense-units", type=int, default=0)
 parser.add_argument("--optimizer", default="rmsprop")
 parser.add_argument("--learning-rate", type=float)
 parser.add_argument("--batch-size", type=int, default=128)
@@ -34,12 +40,24 @@ keras.mixed_precision.set_global_policy(args.precision)
 # exactly the validation images (Keras takes the last 20%, before any shuffling).
 train, val, test = (np.load(f"{args.dataset}/{name}.npz") for name in ("train", "val", "test"))
 scale = 1 if args.no_normalize else 255
-x = np.concatenate([train["x"], val["x"]]).reshape(-1, 784).astype("float32") / scale
+shape = (28, 28, 1) if args.model == "cnn" else (784,)
+x = np.concatenate([train["x"], val["x"]]).reshape(-1, *shape).astype("float32") / scale
 y = np.concatenate([train["y"], val["y"]])
-x_test = test["x"].reshape(-1, 784).astype("float32") / scale
+x_test = test["x"].reshape(-1, *shape).astype("float32") / scale
 
-layers = [keras.Input((784,))]
-for _ in range(args.hidden_layers):
+layers = [keras.Input(shape)]
+if args.model == "cnn":
+    for filters in args.filters:
+        layers.append(
+            keras.layers.Conv2D(filters, args.kernel_size, activation=args.activation, padding=args.padding)
+        )
+        layers.append(keras.layers.MaxPooling2D(2))
+    layers.append(keras.layers.Flatten())
+    if args.dense_units:
+        layers.append(keras.layers.Dense(args.dense_units, activation=args.activation))
+    if args.dropout:
+        layers.append(keras.layers.Dropout(args.dropout))
+for _ in range(args.hidden_layers if args.model == "mlp" else 0):
     layers.append(keras.layers.Dense(args.hidden_units, activation=args.activation))
     if args.dropout:
         layers.append(keras.layers.Dropout(args.dropout))

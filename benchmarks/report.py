@@ -29,6 +29,32 @@ def sweep_summary(sweep):
     return median, faster
 
 
+PROFILE_ROWS = {
+    "stage": "the stage's epoch: forward, gradients, RMSprop update, dropout (XLA)",
+    "gradients": "the same without the optimizer's update (gradients summed instead; XLA)",
+    "forward": "forward pass and loss only (XLA)",
+    "dots": "the step's 3 forward and 5 backward matmuls alone (TensorFlow's oneDNN kernels)",
+}
+
+
+def profile_section(p, matmul_rate):
+    """benchmarks/profile_step.py's rows: where one training epoch's time goes."""
+    s, ideal = p["seconds"], p["flops"] / matmul_rate / 1e9
+    return [
+        "",
+        f"## Where a hidden-{p['hidden_units']} epoch's time goes (benchmarks/profile_step.py)",
+        "",
+        f"One training epoch of {p['samples']:,} random images at batch {p['batch_size']}, no validation, "
+        f"median of the repeats, load before {p['loadavg_before'][0]}. At the 2048² fp32 matmul rate "
+        f"of this run, its matmuls alone would take {ideal:.2f} s.",
+        "",
+        *table(
+            ["part of the step", "s/epoch", "share of the stage's epoch"],
+            [[label, s[key], f"{100 * s[key] / s['stage']:.0f}%"] for key, label in PROFILE_ROWS.items()],
+        ),
+    ]
+
+
 def markdown(r):
     v = r["variants"]
     mm = r["matmul"]
@@ -141,6 +167,8 @@ def markdown(r):
             "",
             f"Faster: {labels[faster]}, by {max(median['jobs1'], median['jobs2']) / median[faster]:.2f}x.",
         ]
+    if "profile" in r:
+        out += profile_section(r["profile"], mm["square_2048"])
     out += [
         "",
         "## float32 and mixed_bfloat16, XLA on and off (the stage, once each, in sequence)",

@@ -2,10 +2,10 @@
 
 Writes benchmarks/results.json and benchmarks/results.md. `--quick` shrinks data and epochs (minutes),
 `--no-sweep` skips timing the nine-variant study (the expensive part).
-FLOP convention (the issue's): a training sample costs 3x the forward FLOPs of the MLP
-(2 * sum of in*out over the Dense layers), a validation sample 1x; biases, activations, dropout,
-softmax and the optimizer are not counted. Epoch time is the median of epochs 2..N, from epoch
-end to epoch end, so it includes validation and checkpointing for both scripts.
+FLOP convention (the issue's): a training sample costs 3x the forward FLOPs of the model
+(2 per multiply-add of the Dense and Conv2D layers), a validation sample 1x; biases, activations,
+pooling, dropout, softmax and the optimizer are not counted. Epoch time is the median of epochs 2..N,
+from epoch end to epoch end, so it includes validation and checkpointing for both scripts.
 """
 
 import argparse
@@ -38,6 +38,17 @@ VARIANTS = {
     "hidden128": {"model.hidden_units": 128, "train.epochs": 4},
     "hidden2048": {"model.hidden_units": 2048, "train.epochs": 3},
     "bfloat16": {"train.precision": "mixed_bfloat16", "train.epochs": 4},
+    "cnn": {"model.type": "cnn", "model.dropout": 0.5, "train.optimizer": "adam", "train.epochs": 3},
+    "fashion-mlp": {"data.dataset": "fashion-mnist", "train.optimizer": "adam", "train.epochs": 3},
+    "fashion-cnn": {
+        "data.dataset": "fashion-mnist",
+        "model.type": "cnn",
+        "model.padding": "same",
+        "model.dense_units": 128,
+        "model.dropout": 0.5,
+        "train.optimizer": "adam",
+        "train.epochs": 3,
+    },
 }
 REPEATS = 2  # A B then B A
 QUICK = {"preprocess.train_size": 6000, "preprocess.test_size": 2000, "train.epochs": 2}
@@ -46,10 +57,15 @@ PRECISION_EPOCHS = 3  # the float32 / mixed_bfloat16 x XLA on / off table: one s
 # (jit_compile) have no counterpart. A variant setting any other key runs the stage side only.
 REFERENCE_FLAGS = {
     "seed": "--seed",
+    "model.type": "--model",
     "model.hidden_units": "--hidden-units",
     "model.hidden_layers": "--hidden-layers",
     "model.activation": "--activation",
     "model.dropout": "--dropout",
+    "model.filters": "--filters",
+    "model.kernel_size": "--kernel-size",
+    "model.padding": "--padding",
+    "model.dense_units": "--dense-units",
     "train.optimizer": "--optimizer",
     "train.learning_rate": "--learning-rate",
     "train.batch_size": "--batch-size",
@@ -71,22 +87,28 @@ def with_overrides(params, overrides):
 
 
 def reference_args(params, overrides):
-    """reference.py's flags for these params, or None if a variant changes what it cannot do (a CNN)."""
-    flat = flatten(params)
-    unmapped = [k for k in overrides if k not in REFERENCE_FLAGS and not k.startswith(REFERENCE_SAME)]
-    if flat.get("model.type", "mlp") != "mlp" or set(unmapped) - {"model.type"}:
+    """reference.py's flags for these params, or None if a variant changes what it cannot do."""
+    if [k for k in overrides if k not in REFERENCE_FLAGS and not k.startswith(REFERENCE_SAME)]:
         return None
     flat = flatten(params)
-    args = [a for k, f in REFERENCE_FLAGS.items() if flat.get(k) is not None for a in (f, str(flat[k]))]
+    values = {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in flat.items()}
+    args = [a for k, f in REFERENCE_FLAGS.items() if flat.get(k) is not None for a in (f, values[k])]
     return args + ([] if flat["preprocess.normalize"] else ["--no-normalize"])
 
 
-def forward_flops(model, inputs=784, classes=10):
-    """FLOPs of one sample's forward pass through the MLP's Dense layers; None for other models."""
-    if model.get("type", "mlp") != "mlp":
-        return None
-    dims = [inputs] + [model["hidden_units"]] * model["hidden_layers"] + [classes]
-    return sum(2 * a * b for a, b in itertools.pairwise(dims))
+def forward_flops(model, side=28, classes=10):
+    """FLOPs of one sample's forward pass through the Conv2D and Dense layers (2 per multiply-add)."""
+    flops, channels, dims = 0, 1, [side * side]
+    if model.get("type", "mlp") == "cnn":
+        k = model["kernel_size"]
+        for filters in model["filters"]:  # each convolution is followed by 2x2 pooling
+            out = side if model["padding"] == "same" else side - k + 1
+            flops += 2 * out * out * k * k * channels * filters
+            side, channels = out // 2, filters
+        dims = [side * side * channels] + ([model["dense_units"]] if model["dense_units"] else [])
+    else:
+        dims += [model["hidden_units"]] * model["hidden_layers"]
+    return flops + sum(2 * a * b for a, b in itertools.pairwise([*dims, classes]))
 
 
 def epoch_flops(model, n_train, n_val):
@@ -255,6 +277,18 @@ def matmul():
     return {**json.loads(stdout.strip().splitlines()[-1]), "loadavg_before": usage["loadavg_before"]}
 
 
+def profile(hidden_units, samples, repeats):
+    """profile_step.py: one epoch of the hidden-`hidden_units` MLP with parts of the step taken out."""
+    cmd = [sys.executable, HERE / "profile_step.py", "--hidden-units", str(hidden_units)]
+    stdout, usage = measure([*cmd, "--samples", str(samples), "--repeats", str(repeats)], WORK)
+    flops = epoch_flops({"hidden_units": hidden_units, "hidden_layers": 2}, samples, 0)
+    return {
+        **json.loads(stdout.strip().splitlines()[-1]),
+        "flops": flops,
+        "loadavg_before": usage["loadavg_before"],
+    }
+
+
 def checks(work):
     """A no-op `dvc repro` and whether the non-training stages import TensorFlow, in a fresh repo."""
     repo = WORK / "dvc"
@@ -313,6 +347,7 @@ def main():
         results["variants"][name] = bench_variant(
             name, overrides, base, quick, mm, 1 if args.quick else REPEATS
         )
+    results["profile"] = profile(2048, 6000 if args.quick else 48_000, 1 if args.quick else 3)
     results["matmul_runs"].append(matmul())
     results["matmul"] = {
         k: max(r[k] for r in results["matmul_runs"]) for k in ("square_2048", "square_2048_bfloat16")

@@ -119,6 +119,8 @@ SCHEMA = {
             "a non-empty list of positive integers, e.g. [32, 64]",
         ),
         "kernel_size": (_positive_int, "a positive integer"),
+        "padding": _one_of(("valid", "same")),
+        "dense_units": (lambda v: _int(v) and v >= 0, "0 or a positive integer"),
     },
     "train": {
         "optimizer": _one_of(OPTIMIZERS),
@@ -239,6 +241,11 @@ def load_split(name):
     """Return (images uint8 [N, 28, 28], labels uint8 [N], pixel divisor) of a prepared split."""
     with np.load(require(PREPARED / f"{name}.npz", "preprocess"), allow_pickle=False) as f:
         return f["x"], f["y"], float(f["divisor"])
+
+
+def model_inputs(model, x):
+    """Images [N, 28, 28] in the shape the model takes: (N, 784) for the MLP, (N, 28, 28, 1) for a CNN."""
+    return x.reshape(len(x), *model.input_shape[1:])
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from common import (
     import_keras,
     load_params,
     load_split,
+    model_inputs,
     require,
     run,
     write_json,
@@ -27,7 +28,7 @@ CONFUSION = Path("metrics/confusion_matrix.csv")
 def predict(x, divisor):
     keras = import_keras()
     model = keras.saving.load_model(require(MODEL_FILE, "train"), safe_mode=True)
-    x = x.reshape(len(x), *model.input_shape[1:]).astype("float32") / np.float32(divisor)  # MLP or CNN
+    x = model_inputs(model, x).astype("float32") / np.float32(divisor)
     return model.predict(x, batch_size=len(x), verbose=0)  # the whole split in one compiled call
 
 

@@ -9,7 +9,17 @@ import argparse
 import json
 import sys
 
-from common import CLASS_NAMES, MODEL_FILE, PipelineError, import_keras, load_params, load_split, require, run
+from common import (
+    CLASS_NAMES,
+    MODEL_FILE,
+    PipelineError,
+    import_keras,
+    load_params,
+    load_split,
+    model_inputs,
+    require,
+    run,
+)
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -78,8 +88,7 @@ def classify(digits, divisor):
     """Class probabilities [N, classes] of 28x28 uint8 digits, shaped for the model's own input."""
     keras = import_keras()  # without TensorFlow's start-up banner
     model = keras.saving.load_model(MODEL_FILE, safe_mode=True)
-    x = np.stack(digits).astype("float32") / np.float32(divisor)
-    x = x.reshape(len(x), *model.input_shape[1:])  # (784,) for the MLP, (28, 28, 1) for a CNN
+    x = model_inputs(model, np.stack(digits)).astype("float32") / np.float32(divisor)
     return model.predict(x, verbose=0)
 
 

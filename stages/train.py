@@ -18,6 +18,7 @@ from common import (
     import_keras,
     load_params,
     load_split,
+    model_inputs,
     run,
     save_model,
 )
@@ -31,12 +32,16 @@ def build_model(p, image_shape=(28, 28), classes=10):
     import keras
 
     if p["type"] == "cnn":
-        # Conv blocks of `filters`, each halved by pooling, then dropout and the classifier.
+        # Conv blocks of `filters`, each halved by pooling, an optional Dense layer, dropout, the classifier.
         layers = [keras.Input((*image_shape, 1))]
         for filters in p["filters"]:
-            layers.append(keras.layers.Conv2D(filters, p["kernel_size"], activation=p["activation"]))
-            layers.append(keras.layers.MaxPooling2D(2))
+            conv = keras.layers.Conv2D(
+                filters, p["kernel_size"], activation=p["activation"], padding=p["padding"]
+            )
+            layers += [conv, keras.layers.MaxPooling2D(2)]
         layers.append(keras.layers.Flatten())
+        if p["dense_units"]:
+            layers.append(keras.layers.Dense(p["dense_units"], activation=p["activation"]))
         if p["dropout"] > 0:
             layers.append(keras.layers.Dropout(p["dropout"]))
     else:  # 784 -> hidden_layers x (Dense hidden_units, activation, Dropout)
@@ -48,11 +53,6 @@ def build_model(p, image_shape=(28, 28), classes=10):
     # float32 softmax even under mixed precision, where bfloat16 probabilities would be too coarse.
     layers.append(keras.layers.Dense(classes, activation="softmax", dtype="float32"))
     return keras.Sequential(layers, name=p["type"])
-
-
-def model_inputs(model, x):
-    """The uint8 images [N, 28, 28] in the shape the model takes: (N, 784) or (N, 28, 28, 1)."""
-    return x.reshape(len(x), *model.input_shape[1:])
 
 
 def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
@@ -182,11 +182,12 @@ def check_cnn(p, t, side=28):
             "gradient (and is slower here); use auto or false"
         )
     for _ in p["filters"]:
-        side = (side - p["kernel_size"] + 1) // 2  # a "valid" convolution, then 2x2 pooling
+        side = (side - (p["kernel_size"] - 1 if p["padding"] == "valid" else 0)) // 2  # conv, 2x2 pooling
         if side < 1:
             raise PipelineError(
-                f"params.yaml: model.filters {p['filters']} with model.kernel_size {p['kernel_size']} "
-                "shrink the 28x28 image to nothing; use fewer blocks or a smaller kernel"
+                f"params.yaml: model.filters {p['filters']} with model.kernel_size {p['kernel_size']} and "
+                f"model.padding {p['padding']} shrink the 28x28 image to nothing; "
+                "use fewer blocks or a smaller kernel"
             )
 
 

@@ -170,7 +170,19 @@ def baseline_spread(summary, frame):
     )
 
 
-def paragraph(s, exp):
+def epochs_note(runs, exp):
+    """Where the best epochs fell, for a variant that sets its own train.epochs: why it trains that long."""
+    epochs, best = exp["set"].get("train.epochs"), runs["best_epoch"]
+    if epochs is None:
+        return None
+    last = int((best == epochs).sum())
+    return (
+        f"It trains {epochs} epochs (train.epochs); its best epoch by validation loss was "
+        f"{best.min()} to {best.max()}, the last one in {last} of {len(best)} runs."
+    )
+
+
+def paragraph(s, exp, runs):
     text = [f"**{s['variant']}** ({s['change']}):"]
     if "verdict" in s:
         text.append(f"against {s['compare_to']}, {s['verdict']}.")
@@ -193,6 +205,8 @@ def paragraph(s, exp):
             f" ({ratio:.2f}x) and trains in {s['train_seconds']:.1f} s against {s['other_seconds']:.1f} s"
             f" (mean per run): {fewer} parameters, {higher}."
         )
+    if epochs_note(runs, exp):
+        text.append(epochs_note(runs, exp))
     if exp["reference"].get("source"):
         text.append(f"Published: {exp['reference']['source']}.")
     if abs(s["acc_mean"] - s["published"]) > 1 and exp.get("known_difference"):
@@ -228,7 +242,9 @@ def render(frame, study, missing, figures):
     lines += ["## Final epoch (mean over seeds) and cost", "", final, ""]
     lines += [f"![{alt}]({name})\n" for name, alt in figures.items()]
     lines += ["## Per variant", ""]
-    lines += [paragraph(s, next(e for e in study if e["name"] == s["variant"])) + "\n" for s in summary]
+    for s in summary:
+        exp = next(e for e in study if e["name"] == s["variant"])
+        lines.append(paragraph(s, exp, frame[frame["variant"] == s["variant"]]) + "\n")
     return "\n".join(lines), summary
 
 

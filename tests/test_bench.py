@@ -18,7 +18,13 @@ def test_forward_flops_are_two_per_weight():
     # model_summary.txt's 669,706 parameters less the 512 + 512 + 10 biases: one multiply-add per weight
     assert run.forward_flops(MLP) == 2 * (669_706 - 1034)
     assert run.forward_flops({**MLP, "hidden_layers": 1}) == 2 * (784 * 512 + 512 * 10)
-    assert run.forward_flops({**MLP, "type": "cnn"}) is None
+    # the Keras convnet: 28 -> conv 26 -> pool 13 -> conv 11 -> pool 5, then 5x5x64 -> 10
+    cnn = {"type": "cnn", "filters": [32, 64], "kernel_size": 3, "padding": "valid", "dense_units": 0}
+    convs = 26 * 26 * 9 * 1 * 32 + 11 * 11 * 9 * 32 * 64
+    assert run.forward_flops(cnn) == 2 * (convs + 1600 * 10)
+    assert run.forward_flops({**cnn, "dense_units": 128}) == 2 * (convs + 1600 * 128 + 128 * 10)
+    same = 28 * 28 * 9 * 1 * 32 + 14 * 14 * 9 * 32 * 64  # 28 -> 28 -> 14 -> 14 -> 7
+    assert run.forward_flops({**cnn, "padding": "same"}) == 2 * (same + 3136 * 10)
 
 
 def test_epoch_flops_and_rates():
@@ -60,9 +66,16 @@ def test_reference_args_carry_each_variants_settings(overrides, expected):
 def test_reference_args_for_raw_pixels_and_for_what_it_cannot_run():
     raw = {"preprocess.normalize": False}
     assert run.reference_args(run.with_overrides(PARAMS, raw), raw)[-1] == "--no-normalize"
-    cnn = {"model.type": "cnn"}
-    params = run.with_overrides({**PARAMS, "model": {**PARAMS["model"], "type": "mlp"}}, cnn)
-    assert run.reference_args(params, cnn) is None
+    cnn = {"model.type": "cnn", "model.filters": [16, 32], "model.dense_units": 128}
+    args = flags(run.reference_args(run.with_overrides(PARAMS, cnn), cnn))
+    assert {
+        "--model": "cnn",
+        "--filters": "16,32",
+        "--kernel-size": "3",
+        "--dense-units": "128",
+    }.items() <= args.items()
+    no_flag = {"plot.samples": 4}  # a param the plain script has no flag for: the stage side runs alone
+    assert run.reference_args(run.with_overrides(PARAMS, no_flag), no_flag) is None
 
 
 def variant(plain_loop, stage_loop, rss=800):
@@ -135,3 +148,15 @@ def test_report_without_the_sweep_and_with_a_missed_target():
     md = report.markdown(results(sweep=False, rss=1300))
     assert "## The study" not in md
     assert row(md, "train stage peak RSS (largest of the variants)", "## Memory")[-1] == "no"
+
+
+def test_report_shows_where_an_epochs_time_goes():
+    r = results(sweep=False)
+    seconds = {"stage": 12.0, "gradients": 9.0, "forward": 3.0, "dots": 8.4}
+    r["profile"] = {"hidden_units": 2048, "batch_size": 128, "samples": 48_000, "seconds": seconds}
+    r["profile"] |= {"flops": 1.8e12, "loadavg_before": [0.4, 0, 0]}
+    md = report.markdown(r)
+    assert "its matmuls alone would take 6.00 s" in md  # 1.8 TFLOP at 300 GFLOP/s
+    assert row(md, report.PROFILE_ROWS["gradients"], "## Where a hidden-2048")[1:] == ["9.0", "75%"]
+    assert row(md, report.PROFILE_ROWS["dots"], "## Where")[1:] == ["8.4", "70%"]
+    assert "## Where" not in report.markdown(results(sweep=False))  # runs without it still render

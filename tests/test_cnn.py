@@ -46,3 +46,13 @@ def test_the_cnn_trains_evaluates_and_plots(cnn):
     Image.fromarray(255 - x[0]).resize((112, 112), Image.NEAREST).save(work / "digit.png")
     result = json.loads(run([sys.executable, "stages/predict.py", "--json", "digit.png"], work).stdout)
     assert result["class"] in range(10) and len(result["top3"]) == 3
+
+
+def test_padding_and_the_dense_layer_reach_the_train_stage(prepared):
+    """fashion-cnn's settings: "same" convolutions keep 28 and 14 before pooling; 7x7x64 reach the Dense."""
+    set_params(
+        prepared, {"model.type": "cnn", "model.padding": "same", "model.dense_units": 128, "train.epochs": 1}
+    )
+    out = run_stage("train", prepared).stdout
+    assert "421,642 parameters" in out  # 320 + 18,496 + 3136 * 128 + 128 + 1,290
+    assert json.loads((prepared / "metrics/train/metrics.json").read_text())["params"] == 421_642

@@ -29,6 +29,8 @@ def test_baseline_is_the_classic_mlp(baseline):
         "dropout": 0.2,
         "filters": [32, 64],  # the CNN's own, unused by the MLP
         "kernel_size": 3,
+        "padding": "valid",
+        "dense_units": 0,
     }
     model = build_model(baseline)
     assert model.count_params() == 669_706
@@ -157,3 +159,22 @@ def test_cnn_blocks_kernel_and_dropout_follow_params(baseline):
     assert [type(layer).__name__ for layer in model.layers] == ["Conv2D", "MaxPooling2D", "Flatten", "Dense"]
     # 28 -> 24 -> 12: 12x12x8 inputs to the classifier
     assert model.count_params() == (25 * 8 + 8) + (12 * 12 * 8 * 10 + 10)
+
+
+def test_cnn_dense_units_add_one_dense_layer_before_dropout(baseline):
+    model = build_model({**baseline, "type": "cnn", "dropout": 0.5, "dense_units": 128, "activation": "gelu"})
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds[4:] == ["Flatten", "Dense", "Dropout", "Dense"]
+    hidden = model.layers[5]
+    assert hidden.units == 128 and hidden.activation.__name__ == "gelu"
+    # the Keras example's convs, then 5x5x64 -> 128 -> 10
+    assert model.count_params() == 320 + 18_496 + (1600 * 128 + 128) + (128 * 10 + 10) == 225_034
+
+
+def test_cnn_same_padding_keeps_each_convs_size():
+    model = build_model(
+        {"type": "cnn", "filters": [32, 64], "kernel_size": 3, "padding": "same"}
+        | {"activation": "relu", "dropout": 0.5, "dense_units": 128}
+    )
+    assert model.layers[0].padding == "same" and model.layers[4].output.shape == (None, 3136)  # 28 -> 14 -> 7
+    assert model.count_params() == 320 + 18_496 + (3136 * 128 + 128) + (128 * 10 + 10) == 421_642

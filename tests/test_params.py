@@ -96,6 +96,9 @@ BAD_VALUES = [  # (key, bad value, what the message must say besides "<key> must
     ("model.filters", [], "a non-empty list of positive integers, e.g. [32, 64], got []"),
     ("model.filters", 32, "a non-empty list of positive integers, e.g. [32, 64], got 32"),
     ("model.filters", [32, 0], "a non-empty list of positive integers, e.g. [32, 64], got [32, 0]"),
+    ("model.padding", "full", "one of valid, same, got 'full'"),
+    ("model.dense_units", -1, "0 or a positive integer, got -1"),
+    ("model.dense_units", 1.5, "0 or a positive integer, got 1.5"),
     ("model.kernel_size", 0, "a positive integer, got 0"),
     ("model.kernel_size", [3, 3], "a positive integer, got [3, 3]"),
     ("train.jit_compile", "yes", "true, false or auto, got 'yes'"),
@@ -201,8 +204,13 @@ def test_the_committed_params_are_valid():
     [
         (
             {"model.filters": [32, 64, 128], "model.kernel_size": 5},
-            "error: params.yaml: model.filters [32, 64, 128] with model.kernel_size 5 shrink the 28x28 image "
-            "to nothing; use fewer blocks or a smaller kernel",
+            "error: params.yaml: model.filters [32, 64, 128] with model.kernel_size 5 and "
+            "model.padding valid shrink the 28x28 image to nothing; use fewer blocks or a smaller kernel",
+        ),
+        (
+            {"model.filters": [8] * 5, "model.padding": "same"},  # 28 -> 14 -> 7 -> 3 -> 1 -> 0
+            "error: params.yaml: model.filters [8, 8, 8, 8, 8] with model.kernel_size 3 and "
+            "model.padding same shrink the 28x28 image to nothing; use fewer blocks or a smaller kernel",
         ),
         (
             {"train.jit_compile": True},

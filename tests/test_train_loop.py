@@ -24,7 +24,7 @@ def data(seed=0):
 def model_and_optimizer(optimizer="rmsprop", activation="relu", dropout=0.0, seed=0, kind="mlp"):
     keras.utils.set_random_seed(seed)
     p = {"type": kind, "hidden_units": 32, "hidden_layers": 2, "activation": activation, "dropout": dropout}
-    model = build_model({**p, "filters": [4, 8], "kernel_size": 3})
+    model = build_model({**p, "filters": [4, 8], "kernel_size": 3, "padding": "same", "dense_units": 16})
     opt = keras.optimizers.get(optimizer)
     opt.build(model.trainable_weights)
     return model, opt
