@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "sweep"))
+sys.path.append(str(ROOT / "sweep"))  # after benchmarks/: sweep/ has a report.py too
 from study import flatten  # noqa: E402  (the study's params.yaml -> dotted keys)
 
 HERE = ROOT / "benchmarks"

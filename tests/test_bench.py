@@ -1,5 +1,6 @@
 """The pure pieces of `make bench`: FLOP counting, ratios, the plain script's flags and the report."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import report
 import run
 
-PARAMS = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 MLP = {"hidden_units": 512, "hidden_layers": 2}
 
 
@@ -160,3 +162,10 @@ def test_report_shows_where_an_epochs_time_goes():
     assert row(md, report.PROFILE_ROWS["gradients"], "## Where a hidden-2048")[1:] == ["9.0", "75%"]
     assert row(md, report.PROFILE_ROWS["dots"], "## Where")[1:] == ["8.4", "70%"]
     assert "## Where" not in report.markdown(results(sweep=False))  # runs without it still render
+
+
+def test_run_py_finds_its_own_report_module():
+    """sweep/ (for study.flatten) also has a report.py: run.py must still import benchmarks/report.py."""
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import run, report; print(report.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).resolve() == ROOT / "benchmarks" / "report.py"
