@@ -9,20 +9,12 @@ import argparse
 import json
 import sys
 
-from common import (
-    CLASS_NAMES,
-    MODEL_FILE,
-    PipelineError,
-    import_keras,
-    load_params,
-    load_split,
-    model_inputs,
-    require,
-    run,
-)
+from common import CLASS_NAMES, MODEL_FILE, PipelineError, load_params, load_split, require, run
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+import evaluate
 
 FRAME, BOX = 28, 20  # MNIST: the ink fits a 20x20 box, centred by centre of mass in 28x28
 CENTRE = 14  # where MNIST's centres of mass sit (row and column 14.0 on average over the test set)
@@ -84,14 +76,6 @@ def load(path):
         raise PipelineError(f"{path}: {e}") from None
 
 
-def classify(digits, divisor):
-    """Class probabilities [N, classes] of 28x28 uint8 digits, shaped for the model's own input."""
-    keras = import_keras()  # without TensorFlow's start-up banner
-    model = keras.saving.load_model(MODEL_FILE, safe_mode=True)
-    x = model_inputs(model, np.stack(digits)).astype("float32") / np.float32(divisor)
-    return model.predict(x, verbose=0)
-
-
 def report(path, probs, names):
     top = np.argsort(probs)[::-1][:3]
     top3 = [{"class": int(k), "name": names[k], "confidence": float(probs[k])} for k in top]
@@ -123,7 +107,8 @@ def main():
             print(f"error: {e}", file=sys.stderr)
             failed = True
     if digits:
-        for path, probs in zip(good, classify(digits, divisor), strict=True):
+        # the evaluate stage's own prediction: the model's input shape and pixel scaling
+        for path, probs in zip(good, evaluate.predict(np.stack(digits), divisor), strict=True):
             result = report(path, probs, names)
             print(json.dumps(result) if args.json else describe(result), flush=True)
     if failed:

@@ -205,8 +205,8 @@ def paragraph(s, exp, runs):
             f" ({ratio:.2f}x) and trains in {s['train_seconds']:.1f} s against {s['other_seconds']:.1f} s"
             f" (mean per run): {fewer} parameters, {higher}."
         )
-    if epochs_note(runs, exp):
-        text.append(epochs_note(runs, exp))
+    if note := epochs_note(runs, exp):
+        text.append(note)
     if exp["reference"].get("source"):
         text.append(f"Published: {exp['reference']['source']}.")
     if abs(s["acc_mean"] - s["published"]) > 1 and exp.get("known_difference"):
