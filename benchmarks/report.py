@@ -10,7 +10,7 @@ def cell(value, fmt="{}", none="n/a"):
 
 
 def plain(x, key):
-    """A variant's plain-script figure; None where reference.py cannot run the variant (a CNN)."""
+    """A variant's plain-script figure; None where reference.py has no flag for one of its params."""
     return x["reference"][key] if x["reference"] else None
 
 
