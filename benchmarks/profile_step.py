@@ -7,6 +7,7 @@ compiling one, all in one process with TensorFlow's default threads:
   stage        train.make_steps: the epoch as the train stage runs it (XLA, RMSprop, dropout);
   gradients    the same loop without the optimizer's update (the gradients are summed so that they stay);
   forward      the forward pass and loss only;
+  no_dropout   the same with dropout off (training=False): the gap to `forward` is drawing the masks;
   dots         the step's 3 forward and 5 backward matmuls alone, TensorFlow's own (oneDNN) kernels.
 """
 
@@ -73,6 +74,9 @@ def epochs(model, x, y, batch):
         "stage": lambda order: stage(order)[0],
         "gradients": loop(images, labels, batch, gradients, True),
         "forward": loop(images, labels, batch, lambda xb, yb: loss_fn(yb, model(xb, training=True)), True),
+        "no_dropout": loop(
+            images, labels, batch, lambda xb, yb: loss_fn(yb, model(xb, training=False)), True
+        ),
         "dots": loop(images, labels, batch, dots, False),
     }
 

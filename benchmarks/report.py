@@ -33,6 +33,7 @@ PROFILE_ROWS = {
     "stage": "the stage's epoch: forward, gradients, RMSprop update, dropout (XLA)",
     "gradients": "the same without the optimizer's update (gradients summed instead; XLA)",
     "forward": "forward pass and loss only (XLA)",
+    "no_dropout": "the same with dropout off: the gap to the row above is drawing dropout's masks (XLA)",
     "dots": "the step's 3 forward and 5 backward matmuls alone (TensorFlow's oneDNN kernels)",
 }
 
@@ -50,7 +51,11 @@ def profile_section(p, matmul_rate):
         "",
         *table(
             ["part of the step", "s/epoch", "share of the stage's epoch"],
-            [[label, s[key], f"{100 * s[key] / s['stage']:.0f}%"] for key, label in PROFILE_ROWS.items()],
+            [
+                [label, s[key], f"{100 * s[key] / s['stage']:.0f}%"]
+                for key, label in PROFILE_ROWS.items()
+                if key in s
+            ],
         ),
     ]
 
@@ -167,8 +172,8 @@ def markdown(r):
             "",
             f"Faster: {labels[faster]}, by {max(median['jobs1'], median['jobs2']) / median[faster]:.2f}x.",
         ]
-    if "profile" in r:
-        out += profile_section(r["profile"], mm["square_2048"])
+    for p in r.get("profiles", []):
+        out += profile_section(p, mm["square_2048"])
     out += [
         "",
         "## float32 and mixed_bfloat16, XLA on and off (the stage, once each, in sequence)",

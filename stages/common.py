@@ -33,6 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and 
 PARAMS_FILE = Path("params.yaml")
 PREPARED = Path("data/prepared")
 MODEL_FILE = Path("data/model.keras")
+# float32 activations one inference call may hold (128 MB): the 784-512-512-10 MLP takes its whole
+# split in one call, hidden-2048 and the CNN (whose conv maps took 2.9 GB) take slices.
+EVAL_FLOATS = 2**25
 
 # Plain tuples rather than asking Keras, so that checking params never imports TensorFlow.
 ACTIVATIONS = (
@@ -241,6 +244,12 @@ def load_split(name):
     """Return (images uint8 [N, 28, 28], labels uint8 [N], pixel divisor) of a prepared split."""
     with np.load(require(PREPARED / f"{name}.npz", "preprocess"), allow_pickle=False) as f:
         return f["x"], f["y"], float(f["divisor"])
+
+
+def eval_rows(model, n):
+    """Samples per inference call: all n if their activations (every layer's output) fit EVAL_FLOATS."""
+    per_sample = sum(math.prod(layer.output.shape[1:]) for layer in model.layers)
+    return max(1, min(n, EVAL_FLOATS // per_sample))
 
 
 def model_inputs(model, x):

@@ -6,6 +6,7 @@ from common import (
     CLASS_NAMES,
     MODEL_FILE,
     atomic_path,
+    eval_rows,
     import_keras,
     load_params,
     load_split,
@@ -29,7 +30,7 @@ def predict(x, divisor):
     keras = import_keras()
     model = keras.saving.load_model(require(MODEL_FILE, "train"), safe_mode=True)
     x = model_inputs(model, x).astype("float32") / np.float32(divisor)
-    return model.predict(x, batch_size=len(x), verbose=0)  # the whole split in one compiled call
+    return model.predict(x, batch_size=eval_rows(model, len(x)), verbose=0)  # few, large compiled calls
 
 
 def per_class(confusion, names):

@@ -15,6 +15,7 @@ from common import (
     MODEL_FILE,
     PipelineError,
     atomic_path,
+    eval_rows,
     import_keras,
     load_params,
     load_split,
@@ -100,10 +101,20 @@ def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
         return float(total) / len(x), float(hits) / len(x)
 
     @tf.function(jit_compile=jit_compile)
-    def evaluate(xs, ys):  # the whole split in one call: same metrics as batches, fewer steps
+    def evaluate_call(xs, ys):
         probs = model(tf.cast(xs, "float32") / divisor, training=False)
         hits = tf.cast(tf.argmax(probs, 1, output_type="int32") == ys, "float32")
         return loss_fn(ys, probs), tf.reduce_mean(hits)
+
+    def evaluate(xs, ys):
+        """Mean loss and accuracy over a split, in calls of common.eval_rows samples."""
+        rows, sums = eval_rows(model, len(xs)), [0.0, 0.0]
+        for i in range(0, len(xs), rows):
+            k = min(rows, len(xs) - i)
+            loss, accuracy = evaluate_call(xs[i : i + k], ys[i : i + k])
+            sums = [sums[0] + float(loss) * k, sums[1] + float(accuracy) * k]
+        # float32 x count is exact in float64, so a split in one call keeps that call's bits.
+        return sums[0] / len(xs), sums[1] / len(xs)
 
     return train_epoch, evaluate
 
@@ -145,7 +156,7 @@ def train(params, model_path, live_dir):
             began = time.perf_counter()
             order = tf.random.experimental.stateless_shuffle(samples, [seed, epoch])  # seeded batch order
             loss, accuracy = train_epoch(order)
-            val_loss, val_accuracy = (float(v) for v in evaluate(*val))
+            val_loss, val_accuracy = evaluate(*val)
             if best is None or val_loss < best[1]:
                 best = (epoch + 1, val_loss)
                 save_model(model, model_path)

@@ -154,12 +154,13 @@ def test_report_without_the_sweep_and_with_a_missed_target():
 
 def test_report_shows_where_an_epochs_time_goes():
     r = results(sweep=False)
-    seconds = {"stage": 12.0, "gradients": 9.0, "forward": 3.0, "dots": 8.4}
-    r["profile"] = {"hidden_units": 2048, "batch_size": 128, "samples": 48_000, "seconds": seconds}
-    r["profile"] |= {"flops": 1.8e12, "loadavg_before": [0.4, 0, 0]}
+    seconds = {"stage": 12.0, "gradients": 9.0, "forward": 3.0, "no_dropout": 1.5, "dots": 8.4}
+    p = {"hidden_units": 2048, "batch_size": 128, "samples": 48_000, "seconds": seconds}
+    r["profiles"] = [p | {"flops": 1.8e12, "loadavg_before": [0.4, 0, 0]}]
     md = report.markdown(r)
     assert "its matmuls alone would take 6.00 s" in md  # 1.8 TFLOP at 300 GFLOP/s
     assert row(md, report.PROFILE_ROWS["gradients"], "## Where a hidden-2048")[1:] == ["9.0", "75%"]
+    assert row(md, report.PROFILE_ROWS["no_dropout"], "## Where")[1:] == ["1.5", "12%"]
     assert row(md, report.PROFILE_ROWS["dots"], "## Where")[1:] == ["8.4", "70%"]
     assert "## Where" not in report.markdown(results(sweep=False))  # runs without it still render
 

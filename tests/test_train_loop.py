@@ -68,3 +68,36 @@ def test_every_allowed_optimizer_and_activation_trains_compiled(optimizer, activ
     loss, accuracy = train_epoch(tf.random.experimental.stateless_shuffle(tf.range(N), [0, 0]))
     assert np.isfinite(loss) and 0 <= accuracy <= 1
     assert all(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+
+def test_validation_in_slices_matches_one_call(monkeypatch):
+    """Big models validate in slices (common.eval_rows) that give the whole split's mean loss and accuracy."""
+    import common
+
+    x, y = data()
+    model, opt = model_and_optimizer(kind="cnn")
+    _, evaluate = make_steps(model, opt, x, y, 255.0, BATCH, False)
+    split = tf.constant(x.reshape(N, 28, 28, 1)), tf.constant(y.astype("int32"))
+    assert common.eval_rows(model, N) == N  # a tiny CNN's 300 samples fit in one call
+    whole = evaluate(*split)
+    per_sample = sum(int(np.prod(layer.output.shape[1:])) for layer in model.layers)
+    monkeypatch.setattr(common, "EVAL_FLOATS", 70 * per_sample)
+    assert common.eval_rows(model, N) == 70  # calls of 70, 70, 70, 70 and 20 samples
+    assert evaluate(*split) == pytest.approx(whole, rel=1e-6)
+
+
+def test_the_studys_models_validate_within_the_memory_budget():
+    """The 784-512-512-10 MLP keeps one call per split (its metrics unchanged); the CNN's 12,000
+    validation images, 1.9 GB of conv maps in one call, are sliced under EVAL_FLOATS."""
+    from common import EVAL_FLOATS, eval_rows
+
+    base = {"activation": "relu", "dropout": 0.2, "hidden_layers": 2}
+    mlp = build_model({**base, "type": "mlp", "hidden_units": 512})
+    assert eval_rows(mlp, 12_000) == 12_000
+    cnn = build_model(
+        {**base, "type": "cnn", "filters": [32, 64], "kernel_size": 3, "padding": "valid", "dense_units": 0}
+    )
+    rows = eval_rows(cnn, 12_000)
+    assert 100 < rows < 12_000
+    per_sample = sum(int(np.prod(layer.output.shape[1:])) for layer in cnn.layers)
+    assert rows * per_sample <= EVAL_FLOATS
