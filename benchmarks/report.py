@@ -19,13 +19,13 @@ def table(header, rows):
     return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
 
 
-def sweep_summary(sweep):
-    """Median wall seconds per mode, and each mode's speed-up over the plain scripts."""
+def sweep_summary(sweep, key="wall_seconds"):
+    """Median of `key` per mode (None if a run lacks it), and the faster of the two sweep modes."""
     modes = {}
     for run in sweep["runs"]:
-        modes.setdefault(run["mode"], []).append(run["wall_seconds"])
-    median = {mode: statistics.median(walls) for mode, walls in modes.items()}
-    faster = min(("jobs1", "jobs2"), key=median.get)
+        modes.setdefault(run["mode"], []).append(run.get(key))
+    median = {m: None if None in v else statistics.median(v) for m, v in modes.items()}
+    faster = min(("jobs1", "jobs2"), key=median.get) if key == "wall_seconds" else None
     return median, faster
 
 
@@ -147,6 +147,7 @@ def markdown(r):
     ]
     if "sweep" in r:
         median, faster = sweep_summary(r["sweep"])
+        cpu, loops = (sweep_summary(r["sweep"], k)[0] for k in ("cpu_seconds", "loop_seconds"))
         s = r["sweep"]
         labels = {
             "plain": "nine plain scripts in sequence",
@@ -155,16 +156,19 @@ def markdown(r):
         }
         out += [
             "",
-            f"## The study: {len(s['variants'])} variants, seed 0, {s['epochs']} epochs",
+            f"## The study: {len(s['variants'])} variants, seed 0, {s['epochs']} epochs"
+            + (f" (timed {s['date']})" if s.get("date") else ""),
             "",
             *table(
-                ["mode", "wall s (median)", "runs", "plain / this"],
+                ["mode", "wall s (median)", "runs", "plain / this", "CPU s, all cores", "training loops s"],
                 [
                     [
                         labels[m],
                         round(t, 1),
                         sum(x["mode"] == m for x in s["runs"]),
                         f"{median['plain'] / t:.2f}x",
+                        cell(cpu[m]),
+                        cell(loops[m]),
                     ]
                     for m, t in median.items()
                 ],
@@ -172,6 +176,13 @@ def markdown(r):
             "",
             f"Faster: {labels[faster]}, by {max(median['jobs1'], median['jobs2']) / median[faster]:.2f}x.",
         ]
+        if cpu.get("jobs2") is not None:  # one thread each: a loop's wall time is its CPU time
+            rest = (cpu["jobs2"] - loops["jobs2"]) / len(s["variants"])
+            out.append(
+                f"With JOBS=2, {cpu['jobs2'] - loops['jobs2']:.0f} of the {cpu['jobs2']:.0f} CPU seconds are "
+                f"spent outside the training loops: {rest:.1f} s per run (DVC, two TensorFlow start-ups, "
+                "compilation, evaluate, plot, the report)."
+            )
     for p in r.get("profiles", []):
         out += profile_section(p, mm["square_2048"])
     out += [

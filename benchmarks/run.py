@@ -1,7 +1,7 @@
 """`make bench`: the train stage against a plain Keras script, interleaved A/B, with the matmul limit.
 
 Writes benchmarks/results.json and benchmarks/results.md. `--quick` shrinks data and epochs (minutes),
-`--no-sweep` skips timing the nine-variant study (the expensive part).
+`--no-sweep` skips timing the nine-variant study (the expensive part), `--sweep-only` times only it.
 FLOP convention (the issue's): a training sample costs 3x the forward FLOPs of the model
 (2 per multiply-add of the Dense and Conv2D layers), a validation sample 1x; biases, activations,
 pooling, dropout, softmax and the optimizer are not counted. Epoch time is the median of epochs 2..N,
@@ -325,6 +325,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small data, 2 epochs, one repeat (minutes)")
     parser.add_argument("--no-sweep", action="store_true", help="skip timing the nine-variant study")
     parser.add_argument("--sweep-repeats", type=int, default=1, help="passes over the study's three modes")
+    parser.add_argument(
+        "--sweep-only", action="store_true", help="time only the study; the rest of results.json is kept"
+    )
     args = parser.parse_args()
     import report  # here, not at the top: sweep_time imports this module
     import sweep_time
@@ -332,6 +335,10 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     quick = QUICK if args.quick else {}
+    if args.sweep_only:
+        results = json.loads((HERE / "results.json").read_text())
+        results["sweep"] = sweep_time.bench(with_overrides(base, quick), args.sweep_repeats)
+        return write(results, report)
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     results = {
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
@@ -362,6 +369,10 @@ def main():
     if not args.no_sweep:
         results["sweep"] = sweep_time.bench(with_overrides(base, quick), args.sweep_repeats)
     results["loadavg_end"] = loadavg()
+    write(results, report)
+
+
+def write(results, report):
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(report.markdown(results))
     print(report.markdown(results))

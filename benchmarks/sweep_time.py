@@ -6,6 +6,9 @@ commands (sweep/ablations.py, then sweep/report.py), or reference.py once per va
 the variant's overrides. Modes alternate in order (A B C, C B A, ...) when repeated.
 """
 
+import datetime
+import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,8 +52,24 @@ def scratch_repo(base, variants):
     return repo
 
 
+def cpu_seconds():
+    """User and system CPU seconds of every finished child process so far (dvc's stages included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train_loops(repo):
+    """The experiments' training loops, summed: train_seconds of metrics/train/metrics.json."""
+    show = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=repo, env=env(), capture_output=True, check=True
+    )
+    revs = [r for b in json.loads(show.stdout) for e in b.get("experiments") or [] for r in e["revs"]]
+    metrics = [((r.get("data") or {}).get("metrics") or {}).get("metrics/train/metrics.json") for r in revs]
+    return sum(((m or {}).get("data") or {}).get("train_seconds", 0) for m in metrics)
+
+
 def time_mode(mode, repo, base, variants):
-    started, load = time.perf_counter(), loadavg()
+    started, load, cpu, loops = time.perf_counter(), loadavg(), cpu_seconds(), 0.0
     if mode == "plain":
         for v in variants:
             params = with_overrides(base, {**v["set"], "seed": 0})
@@ -62,13 +81,21 @@ def time_mode(mode, repo, base, variants):
                 "ref.json",
             ]
             call(cmd, repo)
+            loops += sum(json.loads((repo / "ref.json").read_text())["epoch_seconds"])
     else:
         call(["dvc", "exp", "remove", "-A"], repo, check=False)  # every mode runs all nine afresh
         jobs = mode.removeprefix("jobs")
         only = ",".join(v["name"] for v in variants)
         call([sys.executable, "sweep/ablations.py", "--seeds", "0", "--only", only, "--jobs", jobs], repo)
         call([sys.executable, "sweep/report.py", "--seeds", "0", "--only", only], repo)
-    return {"mode": mode, "wall_seconds": round(time.perf_counter() - started, 1), "loadavg_before": load}
+        loops = train_loops(repo)
+    return {
+        "mode": mode,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(cpu_seconds() - cpu, 1),  # all cores: what the mode costs the machine
+        "loop_seconds": round(loops, 1),  # the nine training loops' wall time, summed
+        "loadavg_before": load,
+    }
 
 
 def bench(base, repeats=1):
@@ -81,4 +108,9 @@ def bench(base, repeats=1):
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
             print(f"bench: sweep {mode} ({r + 1}/{repeats}), load {loadavg()[0]}", flush=True)
             runs.append(time_mode(mode, repo, base, variants))
-    return {"variants": [v["name"] for v in variants], "epochs": base["train"]["epochs"], "runs": runs}
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "variants": [v["name"] for v in variants],
+        "epochs": base["train"]["epochs"],
+        "runs": runs,
+    }

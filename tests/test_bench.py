@@ -115,6 +115,8 @@ def results(sweep=True, rss=800):
         runs += [("plain", 640.0)]
         r["sweep"] = {"variants": list("abcdefghi"), "epochs": 10, "runs": []}
         r["sweep"]["runs"] = [{"mode": m, "wall_seconds": t} for m, t in runs]
+        r["sweep"]["runs"][2] |= {"cpu_seconds": 600.0, "loop_seconds": 456.0}
+        r["sweep"]["runs"][3] |= {"cpu_seconds": 620.0, "loop_seconds": 460.0}  # other modes: older results
     return r
 
 
@@ -135,7 +137,10 @@ def test_report_tables_from_a_hand_made_results_dict():
     assert row(md, "baseline", "## Whole process")[1:4] == ["50.0", "26.0", "1.92x"]
     assert row(md, "baseline", "## GFLOP/s")[2:] == ["150.0 (50.0%)", "150.0 (50.0%)"]
     # medians: plain 620, JOBS=1 390, JOBS=2 340
-    assert row(md, "`make ablations JOBS=2` (1 thread each)", "## The study")[1:] == ["340.0", "2", "1.82x"]
+    jobs2 = ["340.0", "2", "1.82x", "610.0", "458.0"]  # medians; CPU and loops only where recorded
+    assert row(md, "`make ablations JOBS=2` (1 thread each)", "## The study")[1:] == jobs2
+    assert row(md, "`make ablations JOBS=1` (2 threads)", "## The study")[-2:] == ["n/a", "n/a"]
+    assert "152 of the 610 CPU seconds are spent outside the training loops: 16.9 s per run" in md
     assert "Faster: `make ablations JOBS=2` (1 thread each), by 1.15x." in md
     assert row(md, "float32", "## float32 and mixed_bfloat16")[1:] == ["True", "3.0", "1.0", "0.9800"]
     assert row(md, "train stage peak RSS (largest of the variants)", "## Memory")[1:] == [
