@@ -37,7 +37,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
     add_selection_args(p, "run")
-    # Two runs at once, one thread each, finished the nine-variant study 1.27x sooner than one after
+    # Two runs at once, one thread each, finished the nine-variant study 1.22x sooner than one after
     # another with two threads on a 2-core machine (`make bench`, README "Performance").
     jobs = min(2, len(os.sched_getaffinity(0)))
     p.add_argument("--jobs", type=int, default=jobs, help=f"runs at once, each with cores/N threads ({jobs})")
