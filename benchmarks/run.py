@@ -336,6 +336,10 @@ def main():
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     quick = QUICK if args.quick else {}
     if args.sweep_only:
+        if not (HERE / "results.json").exists():
+            sys.exit(
+                "error: --sweep-only updates benchmarks/results.json, which is missing; run `make bench`"
+            )
         results = json.loads((HERE / "results.json").read_text())
         results["sweep"] = sweep_time.bench(with_overrides(base, quick), args.sweep_repeats)
         return write(results, report)

@@ -175,3 +175,16 @@ def test_run_py_finds_its_own_report_module():
     code = "import sys; sys.path.insert(0, 'benchmarks'); import run, report; print(report.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert Path(out.stdout.strip()).resolve() == ROOT / "benchmarks" / "report.py"
+
+
+def test_sweep_only_without_results_says_what_to_run(tmp_path):
+    """--sweep-only updates an existing results.json; without one it stops before timing anything."""
+    code = (
+        "import sys, pathlib; sys.path.insert(0, 'benchmarks'); import run; "
+        f"run.HERE = pathlib.Path({str(tmp_path)!r}); sys.argv = ['run.py', '--sweep-only']; run.main()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert (
+        out.stderr.strip().splitlines()[-1].startswith("error: --sweep-only updates benchmarks/results.json")
+    )
