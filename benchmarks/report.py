@@ -19,14 +19,12 @@ def table(header, rows):
     return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
 
 
-def sweep_summary(sweep, key="wall_seconds"):
-    """Median of `key` per mode (None if a run lacks it), and the faster of the two sweep modes."""
+def sweep_medians(sweep, key):
+    """Median of `key` over each mode's runs; None where a run lacks it (results from before it)."""
     modes = {}
     for run in sweep["runs"]:
         modes.setdefault(run["mode"], []).append(run.get(key))
-    median = {m: None if None in v else statistics.median(v) for m, v in modes.items()}
-    faster = min(("jobs1", "jobs2"), key=median.get) if key == "wall_seconds" else None
-    return median, faster
+    return {m: None if None in v else statistics.median(v) for m, v in modes.items()}
 
 
 PROFILE_ROWS = {
@@ -146,9 +144,9 @@ def markdown(r):
         ),
     ]
     if "sweep" in r:
-        median, faster = sweep_summary(r["sweep"])
-        cpu, loops = (sweep_summary(r["sweep"], k)[0] for k in ("cpu_seconds", "loop_seconds"))
         s = r["sweep"]
+        median, cpu, loops = (sweep_medians(s, k) for k in ("wall_seconds", "cpu_seconds", "loop_seconds"))
+        faster = min(("jobs1", "jobs2"), key=median.get)
         labels = {
             "plain": "nine plain scripts in sequence",
             "jobs1": "`make ablations JOBS=1` (2 threads)",
