@@ -45,11 +45,11 @@ lint: setup
 	ruff check . && ruff format --check .
 
 # Do the committed results reproduce? Rerun every stage, then compare test_accuracy with git HEAD's.
-# TOLERANCE=x overrides the allowed move (see stages/check_repro.py for why there is one).
+# TOLERANCE=x overrides the allowed move (see tools/check_repro.py for why there is one).
 .PHONY: check-repro plots-template
 check-repro: setup  ## rerun the whole pipeline; fail if test_accuracy moved from the committed value
 	dvc repro --force
-	python stages/check_repro.py $(if $(TOLERANCE),--tolerance $(TOLERANCE))
+	python -m tools.check_repro $(if $(TOLERANCE),--tolerance $(TOLERANCE))
 
 plots-template: setup  ## rebuild .dvc/offline-plots/ (vega for `dvc plots` offline) from npm
 	python .dvc/offline-plots/build.py
@@ -62,14 +62,14 @@ plots-template: setup  ## rebuild .dvc/offline-plots/ (vega for `dvc plots` offl
 STUDY_ARGS = $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(ONLY),--only $(ONLY))
 .PHONY: ablations report
 ablations: setup  ## run the study's experiments and write reports/ablations.md
-	$(if $(RAY_ADDRESS),python sweep/cluster.py $(if $(CPUS),--cpus $(CPUS)), \
-		python sweep/ablations.py $(if $(JOBS),--jobs $(JOBS))) \
+	$(if $(RAY_ADDRESS),python -m sweep.cluster $(if $(CPUS),--cpus $(CPUS)), \
+		python -m sweep.ablations $(if $(JOBS),--jobs $(JOBS))) \
 		$(STUDY_ARGS) $(if $(FORCE),--force) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET) \
-		|| { python sweep/report.py $(STUDY_ARGS); exit 1; }
-	python sweep/report.py $(STUDY_ARGS)
+		|| { python -m sweep.report $(STUDY_ARGS); exit 1; }
+	python -m sweep.report $(STUDY_ARGS)
 
 report: setup  ## reports/ablations.{md,csv} and figures from the experiments DVC has (SEEDS, ONLY as above)
-	python sweep/report.py $(STUDY_ARGS)
+	python -m sweep.report $(STUDY_ARGS)
 
 # The plain Keras script against the train stage, interleaved, with the machine's matmul limit, and
 # the nine-variant study against the nine plain scripts: benchmarks/results.{json,md}. QUICK=1 shrinks
@@ -77,12 +77,12 @@ report: setup  ## reports/ablations.{md,csv} and figures from the experiments DV
 # a pass); SWEEP_REPEATS=N runs N passes over its three modes, alternating their order.
 .PHONY: bench
 bench: setup  ## time the train stage and the study against plain Keras scripts (QUICK=1, SWEEP=0)
-	python benchmarks/run.py $(if $(QUICK),--quick) $(if $(filter 0,$(SWEEP)),--no-sweep) \
+	python -m benchmarks.run $(if $(QUICK),--quick) $(if $(filter 0,$(SWEEP)),--no-sweep) \
 		$(if $(SWEEP_REPEATS),--sweep-repeats $(SWEEP_REPEATS))
 
-# Not a DVC stage: a command for people. IMAGES is split on spaces (call stages/predict.py
+# Not a DVC stage: a command for people. IMAGES is split on spaces (call `python -m tools.predict`
 # directly for names with spaces); JSON=1 prints one JSON object per image.
 .PHONY: predict
 predict: setup  ## classify your own PNG/JPEG images with data/model.keras: make predict IMAGES="a.png b.jpg"
 	$(if $(IMAGES),,$(error IMAGES is empty: make predict IMAGES="a.png b.jpg"))
-	python stages/predict.py $(if $(JSON),--json) $(IMAGES)
+	python -m tools.predict $(if $(JSON),--json) $(IMAGES)

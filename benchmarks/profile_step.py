@@ -14,16 +14,13 @@ compiling one, all in one process with TensorFlow's default threads:
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "stages"))
 import keras
 import numpy as np
 import tensorflow as tf
 
-from train import build_model, make_steps
+from stages.train import build_model, make_steps
 
 
 def loop(images, labels, batch, body, jit_compile):

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.append(str(ROOT / "sweep"))  # after benchmarks/: sweep/ has a report.py too
-from study import flatten  # noqa: E402  (the study's params.yaml -> dotted keys)
+from sweep.study import flatten
 
+ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks"
 WORK = HERE / ".work"  # scratch project copies, one per data configuration (git-ignored)
 # name: params.yaml overrides (dotted keys, as `dvc exp run -S`); a row is one line.
@@ -168,7 +167,7 @@ def prepare(params):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if not (work / "data/prepared/test.npz").exists():
         for stage in ("download", "preprocess"):
-            subprocess.run([sys.executable, f"stages/{stage}.py"], cwd=work, env=env(), check=True)
+            subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=work, env=env(), check=True)
     return work
 
 
@@ -187,10 +186,10 @@ def run_reference(work, args):
 
 def run_project(work, params, **extra_env):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _, usage = measure([sys.executable, "stages/train.py"], work, **extra_env)
+    _, usage = measure([sys.executable, "-m", "stages.train"], work, **extra_env)
     m = json.loads((work / "metrics/train/metrics.json").read_text())
     subprocess.run(
-        [sys.executable, "stages/evaluate.py"], cwd=work, env=env(), check=True, capture_output=True
+        [sys.executable, "-m", "stages.evaluate"], cwd=work, env=env(), check=True, capture_output=True
     )
     test = json.loads((work / "metrics/evaluate.json").read_text())["test_accuracy"]
     return {
@@ -279,8 +278,8 @@ def matmul():
 
 def profile(hidden_units, samples, repeats):
     """profile_step.py: one epoch of the hidden-`hidden_units` MLP with parts of the step taken out."""
-    cmd = [sys.executable, HERE / "profile_step.py", "--hidden-units", str(hidden_units)]
-    stdout, usage = measure([*cmd, "--samples", str(samples), "--repeats", str(repeats)], WORK)
+    cmd = [sys.executable, "-m", "benchmarks.profile_step", "--hidden-units", str(hidden_units)]
+    stdout, usage = measure([*cmd, "--samples", str(samples), "--repeats", str(repeats)], ROOT)
     flops = epoch_flops({"hidden_units": hidden_units, "hidden_layers": 2}, samples, 0)
     return {
         **json.loads(stdout.strip().splitlines()[-1]),
@@ -303,11 +302,11 @@ def checks(work):
         subprocess.run(git + args, cwd=repo, check=True, capture_output=True)
     first = measure(["dvc", "repro", "-q"], repo, MNIST_MIRROR=str(work / "data/raw"))[1]
     noop = [measure(["dvc", "repro", "-q"], repo)[1]["wall_seconds"] for _ in range(3)]
-    probe = "import runpy, sys; sys.path.insert(0, 'stages'); sys.argv = [sys.argv[1]]; "
-    probe += "runpy.run_path(sys.argv[0], run_name='__main__'); print('tensorflow' in sys.modules)"
+    probe = "import runpy, sys; sys.argv = [sys.argv[1]]; "
+    probe += "runpy.run_module(sys.argv[0], run_name='__main__'); print('tensorflow' in sys.modules)"
     stages = {}
     for stage in ("download", "preprocess", "plot"):
-        stdout, usage = measure([sys.executable, "-c", probe, f"stages/{stage}.py"], repo)
+        stdout, usage = measure([sys.executable, "-c", probe, f"stages.{stage}"], repo)
         stages[stage] = {
             "imports_tensorflow": stdout.strip().endswith("True"),
             "wall_seconds": usage["wall_seconds"],
@@ -329,8 +328,7 @@ def main():
         "--sweep-only", action="store_true", help="time only the study; the rest of results.json is kept"
     )
     args = parser.parse_args()
-    import report  # here, not at the top: sweep_time imports this module
-    import sweep_time
+    from benchmarks import report, sweep_time  # here, not at the top: sweep_time imports this module
 
     WORK.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((ROOT / "params.yaml").read_text())

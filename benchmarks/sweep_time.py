@@ -15,7 +15,8 @@ import sys
 import time
 
 import yaml
-from run import HERE, ROOT, WORK, env, loadavg, reference_args, with_overrides
+
+from benchmarks.run import HERE, ROOT, WORK, env, loadavg, reference_args, with_overrides
 
 FILES = ("stages", "sweep", "dvc.yaml", "ablations.yaml", ".dvc/config", ".dvcignore", ".gitignore")
 MODES = ("plain", "jobs1", "jobs2")
@@ -86,8 +87,8 @@ def time_mode(mode, repo, base, variants):
         call(["dvc", "exp", "remove", "-A"], repo, check=False)  # every mode runs all nine afresh
         jobs = mode.removeprefix("jobs")
         only = ",".join(v["name"] for v in variants)
-        call([sys.executable, "sweep/ablations.py", "--seeds", "0", "--only", only, "--jobs", jobs], repo)
-        call([sys.executable, "sweep/report.py", "--seeds", "0", "--only", only], repo)
+        call([sys.executable, "-m", "sweep.ablations", "--seeds", "0", "--only", only, "--jobs", jobs], repo)
+        call([sys.executable, "-m", "sweep.report", "--seeds", "0", "--only", only], repo)
         loops = train_loops(repo)
     return {
         "mode": mode,

@@ -15,7 +15,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from common import PipelineError, atomic_path, load_params, run
+from stages.common import PipelineError, atomic_path, load_params, run
 
 from tqdm import tqdm
 

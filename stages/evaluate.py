@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from common import (
+from stages.common import (
     CLASS_NAMES,
     MODEL_FILE,
     atomic_path,

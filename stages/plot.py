@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from common import CLASS_NAMES, PipelineError, atomic_path, load_params, load_split, require, run
+from stages.common import CLASS_NAMES, PipelineError, atomic_path, load_params, load_split, require, run
 
 import matplotlib
 

@@ -4,7 +4,7 @@ import gzip
 import zlib
 from pathlib import Path
 
-from common import PREPARED, PipelineError, load_params, run, save_split
+from stages.common import PREPARED, PipelineError, load_params, run, save_split
 
 import numpy as np
 

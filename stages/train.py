@@ -11,7 +11,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import (
+from stages.common import (
     MODEL_FILE,
     PipelineError,
     atomic_path,

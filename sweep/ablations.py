@@ -1,4 +1,4 @@
-"""Run the study of ablations.yaml as named DVC experiments: `python sweep/ablations.py [k=v ...]`.
+"""Run the study of ablations.yaml as named DVC experiments: `python -m sweep.ablations [k=v ...]`.
 
 Each variant runs once per seed, as the experiment `<variant>-s<seed>`: `dvc exp run --temp -n <name>
 -S <its overrides> -S seed=<seed> -S <extra k=v>` from the committed params.yaml, --jobs of them at a
@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import yaml
-from study import (
+
+from sweep.study import (
     add_selection_args,
     committed_params,
     describe,

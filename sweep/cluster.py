@@ -1,4 +1,4 @@
-"""Run the study on a Ray cluster: `RAY_ADDRESS=HOST:PORT python sweep/cluster.py [k=v ...]`.
+"""Run the study on a Ray cluster: `RAY_ADDRESS=HOST:PORT python -m sweep.cluster [k=v ...]`.
 
 One Ray task per experiment (variant x seed), each running sweep/worker.py in a fresh clone on
 whichever node has the CPUs free; a task whose node dies is retried on another. The workers
@@ -20,12 +20,13 @@ from collections import Counter
 from pathlib import Path
 
 import ray
-from ablations import parse_overrides
 from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from study import add_selection_args, committed_params, fail, format_value, selected_runs
 from tqdm import tqdm
-from worker import check_dvc_remote, dvc_remote_url
+
+from sweep.ablations import parse_overrides
+from sweep.study import add_selection_args, committed_params, fail, format_value, selected_runs
+from sweep.worker import check_dvc_remote, dvc_remote_url
 
 # Environment variables a task receives: cloud credentials, the git SSH command, the datasets'
 # mirrors, TensorFlow's log level. Nothing else of this shell, and never a file of the repository.
@@ -72,11 +73,11 @@ def plan(args):
 
 @ray.remote
 def run_one(name, argv, events):
-    """The task: sweep/worker.py (shipped as the job's working_dir) in a subprocess; its result dict."""
+    """The task: sweep/worker.py (shipped to the node as a py_module) in a subprocess; its result dict."""
     events.put((name, ray.util.get_node_ip_address()))
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "worker.py", name, *argv, "--result", str(result)]
+        cmd = [sys.executable, "-m", "sweep.worker", name, *argv, "--result", str(result)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         found = json.loads(result.read_text()) if result.exists() else {}
     return {"status": "failed", "error": f"worker exited {proc.returncode}", **found, "log": proc.stdout}
@@ -127,7 +128,7 @@ def main(argv=None):
         fail(f"RAY_ADDRESS={address}: no Ray head answers there ({e}); `ray start --head` prints its address")
     try:
         ray.init(
-            runtime_env={"working_dir": str(SWEEP), "excludes": ["__pycache__"], "env_vars": env},
+            runtime_env={"py_modules": [str(SWEEP)], "excludes": ["__pycache__"], "env_vars": env},
             log_to_driver=False,  # the workers' output comes back with their results
         )
     except (ConnectionError, RuntimeError, ValueError) as e:

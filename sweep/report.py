@@ -18,8 +18,9 @@ import dvc.api
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from stats import BASELINE, summarize
-from study import (
+
+from sweep.stats import BASELINE, summarize
+from sweep.study import (
     add_selection_args,
     committed_params,
     experiments,

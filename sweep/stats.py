@@ -7,7 +7,8 @@ test_loss as fractions and losses); accuracies come out in percent, differences 
 import math
 
 from scipy import stats
-from study import BASELINE, describe
+
+from sweep.study import BASELINE, describe
 
 LEVEL = 0.95  # of every interval in the report
 

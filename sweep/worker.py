@@ -1,4 +1,4 @@
-"""Run one experiment of the study in a fresh clone and publish it: `python sweep/worker.py NAME [k=v ...]`.
+"""Run one experiment of the study in a fresh clone and publish it: `python -m sweep.worker NAME [k=v ...]`.
 
 NAME is `<variant>-s<seed>` of ablations.yaml. In a temporary clone of the git remote at the
 study's commit (DVC locks a repository, so workers never share one): check both remotes, skip
@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import yaml
-from ablations import parse_overrides
-from study import STUDY, describe, fail, flatten, format_value, load_study, runs
+
+from sweep.ablations import parse_overrides
+from sweep.study import STUDY, describe, fail, flatten, format_value, load_study, runs
 
 CHECK_TIMEOUT = 60  # seconds a remote may take to answer before it counts as unreachable
 ERRORS = ("ERROR: ", "fatal: ", "error: ")  # how git and DVC start the line that says what went wrong

@@ -23,6 +23,7 @@ from synthetic_idx import write_mirror
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = (
     "stages",
+    "tools",
     "params.yaml",
     "dvc.yaml",
     ".dvc/config",
@@ -103,7 +104,7 @@ def run(args, cwd, check=True, env=None, **kwargs):
 
 
 def run_stage(name, cwd, check=True, env=None, **kwargs):
-    return run([sys.executable, f"stages/{name}.py"], cwd, check=check, env=env, **kwargs)
+    return run([sys.executable, "-m", f"stages.{name}"], cwd, check=check, env=env, **kwargs)
 
 
 def set_params(workdir, overrides):

@@ -14,8 +14,7 @@ import pytest
 import yaml
 from conftest import ROOT, git_init, run
 
-sys.path.insert(0, str(ROOT / "sweep"))
-from study import experiments
+from sweep.study import experiments
 
 VARIANTS = ("baseline", "no-dropout")
 # JOBS=1: the runs' output comes to the terminal, where the test reads DVC's lines.
@@ -154,7 +153,7 @@ def toy_project(tmp_path):
 
 
 def sweep(project, *args, check=True):
-    proc = run([sys.executable, "sweep/ablations.py", *args], project, check=check)
+    proc = run([sys.executable, "-m", "sweep.ablations", *args], project, check=check)
     assert check or proc.returncode == 1
     return proc.stdout + proc.stderr
 

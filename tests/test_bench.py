@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import report
-import run
+from benchmarks import report, run
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -172,7 +170,7 @@ def test_report_shows_where_an_epochs_time_goes():
 
 def test_run_py_finds_its_own_report_module():
     """sweep/ (for study.flatten) also has a report.py: run.py must still import benchmarks/report.py."""
-    code = "import sys; sys.path.insert(0, 'benchmarks'); import run, report; print(report.__file__)"
+    code = "from benchmarks import run, report; print(report.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert Path(out.stdout.strip()).resolve() == ROOT / "benchmarks" / "report.py"
 
@@ -180,7 +178,7 @@ def test_run_py_finds_its_own_report_module():
 def test_sweep_only_without_results_says_what_to_run(tmp_path):
     """--sweep-only updates an existing results.json; without one it stops before timing anything."""
     code = (
-        "import sys, pathlib; sys.path.insert(0, 'benchmarks'); import run; "
+        "import sys, pathlib; from benchmarks import run; "
         f"run.HERE = pathlib.Path({str(tmp_path)!r}); sys.argv = ['run.py', '--sweep-only']; run.main()"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -22,7 +22,7 @@ def write_accuracy(work, correct):
 
 
 def check(work, *args):
-    return run([sys.executable, "stages/check_repro.py", *args], work, check=False)
+    return run([sys.executable, "-m", "tools.check_repro", *args], work, check=False)
 
 
 @pytest.mark.parametrize(

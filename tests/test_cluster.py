@@ -22,8 +22,7 @@ from conftest import ROOT, copy_project, run
 
 pytestmark = pytest.mark.cluster
 pytest.importorskip("ray", reason="Ray is not installed: `make setup-cluster`")
-sys.path.insert(0, str(ROOT / "sweep"))
-from study import experiments  # noqa: E402  (the one parser of `dvc exp show --json`)
+from sweep.study import experiments  # noqa: E402  (the one parser of `dvc exp show --json`)
 
 VARIANTS, SEEDS = ("baseline", "no-dropout"), (0, 1)
 NAMES = {f"{v}-s{s}" for v in VARIANTS for s in SEEDS}
@@ -198,7 +197,7 @@ def test_unreachable_or_missing_remote_fails_in_one_line_before_training(study, 
         "error: no DVC remote: ": (bare, []),
     }
     for expected, (cwd, args) in cases.items():
-        cmd = [sys.executable, "sweep/worker.py", "baseline-s0", "train.epochs=1", *args]
+        cmd = [sys.executable, "-m", "sweep.worker", "baseline-s0", "train.epochs=1", *args]
         proc = run(cmd, cwd, check=False, env=ENV, timeout=300)
         assert proc.returncode == 1, (proc.stdout, proc.stderr)
         assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr
@@ -212,7 +211,7 @@ def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(
 ):
     project, origin, store = study["project"], study["origin"], study["store"]
     env = {**os.environ, **ENV, "RAY_ADDRESS": cluster["address"], **synthetic_env}
-    cmd = [sys.executable, "sweep/cluster.py", "train.epochs=1", "--seeds", "0 1", "--cpus", "1"]
+    cmd = [sys.executable, "-m", "sweep.cluster", "train.epochs=1", "--seeds", "0 1", "--cpus", "1"]
     log = study["tmp"] / "cluster.log"
     start = time.monotonic()
     with open(log, "w") as out:
@@ -223,7 +222,7 @@ def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(
                 assert proc.poll() is None, log.read_text()  # the study ended before any training there
                 cmds = [cmdline(pid) for pid in session(cluster["sids"]["second"])]
                 names = [cmd[2] for cmd in cmds if cmd[1:2] == ["worker.py"]]
-                return names if any("stages/train.py" in " ".join(cmd) for cmd in cmds) else None
+                return names if any("stages.train" in " ".join(cmd) for cmd in cmds) else None
 
             victims = wait_for("a run training on the second node", training, 600, every=0.2)
             kill_session(cluster["sids"]["second"])
@@ -264,7 +263,7 @@ def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(
     model = next(o for o in lock["stages"]["train"]["outs"] if o["path"] == "data/model.keras")
     assert hashlib.md5((clone / "data/model.keras").read_bytes()).hexdigest() == model["md5"]
     # The restored model and test split give back the published accuracy.
-    run([sys.executable, "stages/evaluate.py"], clone, timeout=300)
+    run([sys.executable, "-m", "stages.evaluate"], clone, timeout=300)
     evaluated = json.loads((clone / "metrics/evaluate.json").read_text())
     published = found["no-dropout-s1"]["metrics"]["metrics/evaluate.json"]
     assert evaluated["test_accuracy"] == published["test_accuracy"]

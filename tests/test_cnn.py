@@ -44,7 +44,7 @@ def test_the_cnn_trains_evaluates_and_plots(cnn):
 
     # predict reshapes to the CNN's input too (its preprocessing has tests of its own in test_predict.py)
     Image.fromarray(255 - x[0]).resize((112, 112), Image.NEAREST).save(work / "digit.png")
-    result = json.loads(run([sys.executable, "stages/predict.py", "--json", "digit.png"], work).stdout)
+    result = json.loads(run([sys.executable, "-m", "tools.predict", "--json", "digit.png"], work).stdout)
     assert result["class"] in range(10) and len(result["top3"]) == 3
 
 

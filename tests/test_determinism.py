@@ -7,7 +7,7 @@ says what holds across machines.
 import json
 import shutil
 
-from common import load_split
+from stages.common import load_split
 
 import numpy as np
 from conftest import run_stage

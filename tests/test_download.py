@@ -21,12 +21,12 @@ import threading
 import time
 from pathlib import Path
 
-from common import PipelineError
+from stages.common import PipelineError
 
 import pytest
 from conftest import ROOT, run, set_params
 
-import download
+from stages import download
 
 PAYLOADS = {
     "file0": bytes(i * 13 % 256 for i in range(3000)),
@@ -315,7 +315,7 @@ def stage_copy(tmp_path):
 def test_process_with_unreachable_mirror_fails_in_one_line(web, tmp_path):
     work = stage_copy(tmp_path)
     env = {"MNIST_MIRROR": web.url("nothing-here"), "MNIST_RETRIES": "0", "MNIST_TIMEOUT": "2"}
-    proc = run([sys.executable, "stages/download.py"], work, check=False, env=env)
+    proc = run([sys.executable, "-m", "stages.download"], work, check=False, env=env)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     url = f"{web.url('nothing-here')}train-images-idx3-ubyte.gz"
@@ -335,7 +335,7 @@ def test_process_fetches_fashion_mnist_from_its_own_mirror_variable(web, tmp_pat
         "FASHION_MNIST_MIRROR": web.url("fashion"),
         "FASHION_MNIST_RETRIES": "0",
     }
-    proc = run([sys.executable, "stages/download.py"], work, check=False, env=env)
+    proc = run([sys.executable, "-m", "stages.download"], work, check=False, env=env)
     url = f"{web.url('fashion')}train-images-idx3-ubyte.gz"
     assert proc.stderr.strip().splitlines() == [
         f"error: could not get train-images-idx3-ubyte.gz; tried {url}: HTTP 404. "
@@ -350,7 +350,7 @@ def test_process_terminated_mid_download_leaves_nothing(web, tmp_path):
     work = stage_copy(tmp_path)
     env = {**os.environ, "MNIST_MIRROR": web.url("slow"), "MNIST_TIMEOUT": "30"}
     proc = subprocess.Popen(
-        [sys.executable, "stages/download.py"], cwd=work, env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "stages.download"], cwd=work, env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         for _ in range(200):

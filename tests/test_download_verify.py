@@ -9,15 +9,15 @@ import hashlib
 import os
 from pathlib import Path
 
-from common import PipelineError
+from stages.common import PipelineError
 
 import numpy as np
 import pytest
 from conftest import ROOT
 from synthetic_idx import idx_bytes
 
-import download
-from download import FILES, MAX_PAYLOAD, PUBLIC_MIRRORS, expected, sources, verify
+from stages import download
+from stages.download import FILES, MAX_PAYLOAD, PUBLIC_MIRRORS, expected, sources, verify
 
 SMALLEST = "t10k-labels-idx1-ubyte"  # the cheapest file to verify
 

@@ -13,7 +13,11 @@ def test_stage_outside_the_venv_fails_in_one_line(tmp_path_factory, stage):
     if not bare.exists():  # an empty venv: the interpreter DVC finds when .venv is not activated
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", bare], check=True)
     proc = subprocess.run(
-        [bare / "bin" / "python", f"stages/{stage}.py"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [bare / "bin" / "python", "-m", f"stages.{stage}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert proc.stdout == ""

@@ -26,7 +26,7 @@ def start_training(work):
     """Start stages/train.py and return it once it has logged at least one epoch."""
     set_params(work, {"train.epochs": EPOCHS})
     proc = subprocess.Popen(
-        [sys.executable, "stages/train.py"],
+        [sys.executable, "-m", "stages.train"],
         cwd=work,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         stdout=subprocess.PIPE,

@@ -1,13 +1,13 @@
 """Stage train: the MLP that build_model makes from the model params."""
 
-from common import ACTIVATIONS, OPTIMIZERS, load_params
+from stages.common import ACTIVATIONS, OPTIMIZERS, load_params
 
 import numpy as np
 import pytest
 from conftest import ROOT
 
 keras = pytest.importorskip("keras")
-from train import build_model  # noqa: E402
+from stages.train import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

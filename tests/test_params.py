@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 
-from common import PipelineError, load_params
+from stages.common import PipelineError, load_params
 
 import pytest
 import yaml
@@ -19,7 +19,7 @@ from conftest import ROOT, run, set_params
 # Runs stages/<stage>.py as __main__ with `import tensorflow` / `import keras` raising ImportError.
 NO_TF = (
     "import runpy, sys; sys.modules.update(tensorflow=None, keras=None); "
-    "sys.argv = [sys.argv[1]]; sys.path.insert(0, 'stages'); runpy.run_path(sys.argv[0], run_name='__main__')"
+    "sys.argv = [sys.argv[1]]; runpy.run_module(sys.argv[0], run_name='__main__')"
 )
 STAGE_OF = {
     "seed": "preprocess",
@@ -42,7 +42,7 @@ def workdir(tmp_path):
 def fail(workdir, stage):
     """Run a stage that must fail on its params; return its one-line message."""
     start = time.perf_counter()
-    proc = run([sys.executable, "-c", NO_TF, f"stages/{stage}.py"], workdir, check=False)
+    proc = run([sys.executable, "-c", NO_TF, f"stages.{stage}"], workdir, check=False)
     seconds = time.perf_counter() - start
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr  # in particular no ImportError from TensorFlow

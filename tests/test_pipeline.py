@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from common import CLASS_NAMES
+from stages.common import CLASS_NAMES
 
 import pandas as pd
 from conftest import SMALL, run, set_params

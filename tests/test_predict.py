@@ -3,14 +3,14 @@
 import json
 import sys
 
-from common import PipelineError, save_split
+from stages.common import PipelineError, save_split
 
 import numpy as np
 import pytest
 from conftest import copy_project, run, run_stage, set_params
 from PIL import Image
 
-from predict import load, prepare
+from tools.predict import load, prepare
 
 RING, BAR = 0, 1  # the tiny model below learns a ring as a 0 and an upright bar as a 1
 
@@ -178,7 +178,7 @@ def images(tiny):
 
 
 def predict(work, *args, check=False):
-    return run([sys.executable, "stages/predict.py", *args], work, check=check)
+    return run([sys.executable, "-m", "tools.predict", *args], work, check=check)
 
 
 def test_json_output_and_bad_files(tiny, images):

@@ -4,13 +4,13 @@ import gzip
 import shutil
 import time
 
-from common import PipelineError
+from stages.common import PipelineError
 
 import numpy as np
 import pytest
 from conftest import SMALL, run_stage, set_params
 
-from preprocess import IMAGES, LABELS, read_idx, split
+from stages.preprocess import IMAGES, LABELS, read_idx, split
 
 
 def idx_bytes(array, magic):

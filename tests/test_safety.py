@@ -7,7 +7,7 @@ import re
 import yaml
 from conftest import ROOT
 
-import download
+from stages import download
 
 SOURCES = {path.name: path.read_text() for path in sorted((ROOT / "stages").glob("*.py"))}
 
@@ -63,7 +63,7 @@ def test_stage_commands_take_no_params():
     """dvc.yaml's commands are fixed strings: params reach the stages through params.yaml, never a shell."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        assert stage["cmd"] == f"python stages/{name}.py"
+        assert stage["cmd"] == f"python3 -m stages.{name}"
 
 
 def test_public_mirrors_are_https_first_and_every_file_is_pinned(monkeypatch):

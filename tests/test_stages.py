@@ -5,7 +5,7 @@ import shutil
 import struct
 import sys
 
-from common import CLASS_NAMES
+from stages.common import CLASS_NAMES
 
 import matplotlib
 import numpy as np
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, SMALL, copy_project, run, run_stage, set_params
 
-import plot
+from stages import plot
 
 EPOCHS = SMALL["train.epochs"]
 UNITS = SMALL["model.hidden_units"]
@@ -249,7 +249,7 @@ def imported_modules(stderr):
 
 
 def run_with_importtime(stage, cwd, env=None):
-    proc = run([sys.executable, "-X", "importtime", f"stages/{stage}.py"], cwd, env=env)
+    proc = run([sys.executable, "-X", "importtime", "-m", f"stages.{stage}"], cwd, env=env)
     names = imported_modules(proc.stderr)
     assert "numpy" in names, "importtime output not parsed"  # the check itself works
     return names

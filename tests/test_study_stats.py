@@ -1,6 +1,7 @@
 """The ablation report's statistics on hand-made tables whose answers are worked out here, and runs()."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "sweep"))
-from stats import summarize, verdict
-from study import runs
+from sweep.stats import summarize, verdict
+from sweep.study import runs
 
 T4 = 2.7764451051977987  # Student's t, 97.5% quantile, 4 degrees of freedom (printed tables: 2.776)
 T1 = 12.706204736174704  # the same with 1 degree of freedom (tables: 12.706)
@@ -114,8 +114,10 @@ def test_one_seed_gives_a_report_without_intervals(tmp_path):
             | {"test_accuracy": 0.9789, "test_loss": 0.0790, **numbers},
         ]
     ).to_csv(tmp_path / "runs.csv", index=False)
-    cmd = [sys.executable, ROOT / "sweep/report.py", "--from-csv", "runs.csv", "--seeds", "0", "--out", "out"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "sweep.report", "--from-csv", "runs.csv", "--seeds", "0", "--out", "out"]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "out/ablations.md").read_text()
     assert "one seed only (0): no spread can be measured, no interval computed" in text
@@ -175,8 +177,14 @@ def test_partial_reference_and_compare_to(tmp_path):
     """A variant paired with the one it names (not the baseline), references of test accuracy only."""
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2], "experiments": FASHION}))
     fashion_runs(tmp_path / "runs.csv")
-    cmd = [sys.executable, ROOT / "sweep/report.py", "--study", "study.yaml", "--from-csv", "runs.csv"]
-    proc = subprocess.run([*cmd, "--out", "out"], cwd=tmp_path, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "sweep.report", "--study", "study.yaml", "--from-csv", "runs.csv"]
+    proc = subprocess.run(
+        [*cmd, "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "out/ablations.md").read_text()
     # Differences 3.0, 2.6, 3.4: mean 3.0, squared deviations 0.32 over 2 degrees of freedom.
@@ -216,8 +224,10 @@ def test_partial_reference_and_compare_to(tmp_path):
 def test_bad_compare_to_or_reference(tmp_path, change, message):
     study = {"seeds": [0], "experiments": [FASHION[0], {**FASHION[1], **change}]}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    cmd = [sys.executable, ROOT / "sweep/report.py", "--study", "study.yaml", "--from-csv", "x.csv"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "sweep.report", "--study", "study.yaml", "--from-csv", "x.csv"]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: study.yaml: {message}"), proc.stderr
 
@@ -247,7 +257,9 @@ def test_study_seeds_are_checked(tmp_path, seeds, message):
     study = yaml.safe_load((ROOT / "ablations.yaml").read_text())
     study.pop("seeds")
     (tmp_path / "a.yaml").write_text(seeds + yaml.safe_dump(study))
-    cmd = [sys.executable, ROOT / "sweep/ablations.py", "--study", "a.yaml"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "sweep.ablations", "--study", "a.yaml"]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("error: a.yaml: " + message) and proc.stderr.count("\n") == 1

@@ -1,11 +1,11 @@
 """The train stage's compiled loop does what `fit` does: same model (MLP, CNN), optimizer, loss, batches."""
 
-from common import ACTIVATIONS, OPTIMIZERS
+from stages.common import ACTIVATIONS, OPTIMIZERS
 
 import numpy as np
 import pytest
 
-from train import build_model, make_steps
+from stages.train import build_model, make_steps
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import PipelineError, run
+from stages.common import PipelineError, run
 
 METRICS = "metrics/evaluate.json"
 KEY = "test_accuracy"

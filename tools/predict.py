@@ -1,4 +1,4 @@
-"""Classify your own images of digits (or clothes) with the trained model: python stages/predict.py FILE...
+"""Classify your own images of digits (or clothes) with the trained model: python -m tools.predict FILE...
 
 Not a DVC stage: a command for people. Each image is prepared the way MNIST was made (grayscale,
 light ink on a dark background, cropped to the ink, longest side scaled to 20 px, centred by its
@@ -9,12 +9,12 @@ import argparse
 import json
 import sys
 
-from common import CLASS_NAMES, MODEL_FILE, PipelineError, load_params, load_split, require, run
+from stages.common import CLASS_NAMES, MODEL_FILE, PipelineError, load_params, load_split, require, run
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import evaluate
+from stages import evaluate
 
 FRAME, BOX = 28, 20  # MNIST: the ink fits a 20x20 box, centred by centre of mass in 28x28
 CENTRE = 14  # where MNIST's centres of mass sit (row and column 14.0 on average over the test set)
