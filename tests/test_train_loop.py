@@ -72,7 +72,7 @@ def test_every_allowed_optimizer_and_activation_trains_compiled(optimizer, activ
 
 def test_validation_in_slices_matches_one_call(monkeypatch):
     """Big models validate in slices (common.eval_rows) that give the whole split's mean loss and accuracy."""
-    import common
+    from stages import common
 
     x, y = data()
     model, opt = model_and_optimizer(kind="cnn")
@@ -89,7 +89,7 @@ def test_validation_in_slices_matches_one_call(monkeypatch):
 def test_the_studys_models_validate_within_the_memory_budget():
     """The 784-512-512-10 MLP keeps one call per split (its metrics unchanged); the CNN's 12,000
     validation images, 1.9 GB of conv maps in one call, are sliced under EVAL_FLOATS."""
-    from common import EVAL_FLOATS, eval_rows
+    from stages.common import EVAL_FLOATS, eval_rows
 
     base = {"activation": "relu", "dropout": 0.2, "hidden_layers": 2}
     mlp = build_model({**base, "type": "mlp", "hidden_units": 512})
