@@ -1,8 +1,8 @@
-"""Every shell block of the README, run as printed, in order, in one copy of the project.
+"""Every shell block of the README, then of docs/data.md, run as printed, in order, in one project copy.
 
 As a newcomer would: a shell whose PATH has no .venv/bin (nor any other dvc), the project's
 small config committed, `../shared/mnist` and `~/my-idx` holding the synthetic MNIST, and a
-two-variant, one-seed study. Only `make test` is left out (it is this suite). A block the tests
+four-variant, one-seed study. Only `make test` is left out (it is this suite). A block the tests
 cannot run here carries a `<!-- not run by tests/test_readme.py: why -->` line naming what covers it.
 """
 
@@ -24,16 +24,18 @@ MARK = "<!-- not run by tests/test_readme.py: "
 BLOCK = re.compile(
     re.escape(MARK) + r"(?P<why>.+?) -->\n```bash\n(?P<code>.*?)```|```bash\n(?P<run>.*?)```", re.S
 )
+PAGES = ("README.md", "docs/data.md")  # the pages whose blocks run here, in this order
 PLAIN_PATH = "/usr/local/bin:/usr/bin:/bin"  # no virtualenv, no pyenv shims
 STUDY = {"baseline", "no-dropout", "no-relu", "fashion-mlp"}  # the README's, and one on Fashion-MNIST
 
 
-def blocks():
-    """[(line number, reason it is not run or None, code)] of the README's bash blocks."""
-    text = (ROOT / "README.md").read_text()
-    return [
-        (text[: m.start()].count("\n") + 1, m["why"], m["code"] or m["run"]) for m in BLOCK.finditer(text)
-    ]
+def blocks(page):
+    """[(where, reason it is not run or None, code)] of a page's bash blocks."""
+    text, found = (ROOT / page).read_text(), []
+    for m in BLOCK.finditer(text):
+        line = text[: m.start()].count("\n") + 1
+        found.append((f"{page} line {line}", m["why"], m["code"] or m["run"]))
+    return found
 
 
 def glyph(label, path, size=200):
@@ -85,18 +87,19 @@ def clone(tmp_path, synthetic_env):
     return work, env
 
 
-def test_every_readme_block_marks_why_it_is_not_run():
-    found = blocks()
-    assert len(found) >= 8
-    for line, why, _ in found:
-        assert why is None or "tests/" in why, f"README line {line}: say which test covers it instead"
-    assert (ROOT / "README.md").read_text().count(MARK) == sum(why is not None for _, why, _ in found)
+@pytest.mark.parametrize("page", PAGES)
+def test_every_block_marks_why_it_is_not_run(page):
+    found, text = blocks(page), (ROOT / page).read_text()
+    assert found and len(found) == text.count("```bash\n"), f"{page}: a bash block the pattern misses"
+    for where, why, _ in found:
+        assert why is None or "tests/" in why, f"{where}: say which test covers it instead"
+    assert text.count(MARK) == sum(why is not None for _, why, _ in found)
 
 
 def test_readme_blocks_run_as_printed(clone):
     work, env = clone
     ran = []
-    for line, why, code in blocks():
+    for where, why, code in (block for page in PAGES for block in blocks(page)):
         if why:
             continue
         code = "\n".join(c for c in code.splitlines() if not c.startswith("make test "))
@@ -105,7 +108,7 @@ def test_readme_blocks_run_as_printed(clone):
             cwd=work, env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"README line {line}:\n{code}\n{out[-3000:]}"
+        assert proc.returncode == 0, f"{where}:\n{code}\n{out[-3000:]}"
         assert not [x for x in out.splitlines() if re.search(r"warning|traceback", x, re.I)], out
         ran.append((code, out))
 
@@ -119,7 +122,8 @@ def test_readme_blocks_run_as_printed(clone):
     assert all(f"{name}-s0" in csv for name in STUDY)
     log = run(["git", "log", "--format=%s", "-1"], work).stdout.strip()
     assert log == "Adopt the no-dropout variant"
-    # The last block restored the committed state: no-dropout's params and a clean workspace.
+    # The README's way back restored the committed state (no-dropout's params, a clean workspace), and
+    # docs/data.md's re-download of the same files left it so.
     assert yaml.safe_load((work / "params.yaml").read_text())["model"]["dropout"] == 0
     assert run(["git", "status", "--porcelain", "params.yaml", "metrics"], work).stdout == ""
     assert json.loads((work / "metrics/evaluate.json").read_text())["test_accuracy"] > 0.5
