@@ -246,6 +246,25 @@ def load_split(name):
         return f["x"], f["y"], float(f["divisor"])
 
 
+def read_model(path=MODEL_FILE):
+    """The trained model, loaded in Keras's safe mode; a damaged file or one that holds code is an error."""
+    require(path, "train")
+    way_back = f"`dvc checkout --force {path}` restores the last trained one, `dvc repro train` retrains it"
+    if not zipfile.is_zipfile(path):  # truncated or overwritten: checked before TensorFlow starts
+        raise PipelineError(f"{path} is damaged (not a complete .keras archive); {way_back}")
+    keras = import_keras()
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as e:  # the file is untrusted input: whatever Keras, h5py or zipfile raise
+        if "safe_mode" in str(e):  # Keras names the switch that would run the code: it stays off
+            raise PipelineError(
+                f"{path} holds Python code (a Lambda layer or function), which safe mode does not run, "
+                f"so it was not loaded; {way_back}"
+            ) from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"{path} is damaged ({reason}); {way_back}") from None
+
+
 def eval_rows(model, n):
     """Samples per inference call: all n if their activations (every layer's output) fit EVAL_FLOATS."""
     per_sample = sum(math.prod(layer.output.shape[1:]) for layer in model.layers)
@@ -313,16 +332,46 @@ def save_model(model, path):
             archive.writestr(fixed, data)
 
 
+def way_back(stage):
+    """The command that restores what DVC deleted before running `stage`, as a clause to end a message.
+
+    DVC removes a stage's outputs before running it; the cached ones come back with `dvc checkout`,
+    the `cache: false` ones (metrics, figures) with git. Empty outside DVC (nothing was deleted) and
+    before the stage's first success (nothing to restore).
+    """
+    if not stage:
+        return ""
+    try:
+        spec = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]
+        if stage not in yaml.safe_load(Path("dvc.lock").read_text())["stages"]:
+            return ""
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    cached, in_git = [], []
+    for entry in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []):
+        path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        (cached if (options or {}).get("cache", True) else in_git).append(path)
+    commands = [f"dvc checkout --force {stage}"] if cached else []
+    commands += [f"git checkout -- {' '.join(in_git)}"] if in_git else []
+    restore = " && ".join(commands)
+    return f"; DVC deleted {stage}'s previous outputs: `{restore}` brings back the last committed ones"
+
+
 def run(main):
     """Run a stage's main(): user errors and interrupts end in one line and a non-zero exit."""
     # SIGTERM cleans up like Ctrl-C; SIGINT too when a background shell started us with it ignored.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.default_int_handler)
+    dvc_stage = os.environ.get("DVC_STAGE")  # set by DVC for the stage command it runs
     try:
         main()
     except PipelineError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}{way_back(dvc_stage)}")
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; atomic_path has already removed the partial outputs
         stage = Path(sys.argv[0]).stem
-        print(f"interrupted: {stage} stopped; no partial output kept, `dvc repro` redoes it", file=sys.stderr)
+        print(
+            f"interrupted: {stage} stopped; no partial output kept, `dvc repro` redoes it"
+            f"{way_back(dvc_stage)}",
+            file=sys.stderr,
+        )
         sys.exit(130)

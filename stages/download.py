@@ -1,5 +1,6 @@
 """Stage download: fetch the dataset's four IDX files into data/raw, keeping them only once verified."""
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -7,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import tempfile
 import time
@@ -101,9 +103,31 @@ def expected(dataset):
     return {name: (listed[name], None if path else size) for name, size in FILES.items()}
 
 
+@contextlib.contextmanager
+def deadline(seconds):
+    """Raise TimeoutError in the block once `seconds` have passed: a socket timeout bounds each read,
+    and a mirror that trickles a byte now and then would never trip it."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"timed out: the file took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def fetch(url, dest, limit, timeout):
-    """Stream url into dest, refusing more than `limit` bytes so a hostile mirror cannot fill the disk."""
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f:
+    """Stream url into dest within `timeout` seconds, refusing more than `limit` bytes so a hostile
+    mirror cannot fill the disk."""
+    with (
+        deadline(timeout),
+        urllib.request.urlopen(url, timeout=timeout) as response,
+        open(dest, "wb") as f,
+    ):
         size = int(response.headers.get("Content-Length") or 0)
         if size > limit:
             raise ValueError(f"announces {size} bytes, more than the {limit} expected")
@@ -187,7 +211,7 @@ def download(name, pin, dest, bases, timeout, retries):
 def main():
     dataset = load_params("data")["data"]["dataset"]
     var = prefix(dataset)
-    # seconds a mirror may stay silent (0 would mean non-blocking sockets, so at least 1 ms)
+    # seconds each file may take (0 would mean non-blocking sockets, so at least 1 ms)
     timeout = env_number(f"{var}_TIMEOUT", 30, float, 0.001, "a positive number of seconds")
     retries = env_number(f"{var}_RETRIES", 2, int, 0, "a non-negative integer")
     bases, pins = sources(dataset), expected(dataset)

@@ -4,14 +4,12 @@ from pathlib import Path
 
 from stages.common import (
     CLASS_NAMES,
-    MODEL_FILE,
     atomic_path,
     eval_rows,
-    import_keras,
     load_params,
     load_split,
     model_inputs,
-    require,
+    read_model,
     run,
     write_json,
 )
@@ -27,8 +25,7 @@ CONFUSION = Path("metrics/confusion_matrix.csv")
 
 
 def predict(x, divisor):
-    keras = import_keras()
-    model = keras.saving.load_model(require(MODEL_FILE, "train"), safe_mode=True)
+    model = read_model()
     x = model_inputs(model, x).astype("float32") / np.float32(divisor)
     return model.predict(x, batch_size=eval_rows(model, len(x)), verbose=0)  # few, large compiled calls
 

@@ -41,7 +41,11 @@ def split(x, y, fraction, seed):
     """Hold out a seeded random `fraction` for validation; both parts keep their original order."""
     n_val = round(len(x) * fraction)
     if not 0 < n_val < len(x):
-        raise PipelineError(f"validation_split={fraction} of {len(x)} images leaves an empty split")
+        part, fix = ("validation", "raise it") if n_val == 0 else ("training", "lower it")
+        raise PipelineError(
+            f"params.yaml: preprocess.validation_split {fraction} of {len(x)} images leaves an empty "
+            f"{part} split (0 images); {fix}, or change preprocess.train_size"
+        )
     val = np.zeros(len(x), bool)
     val[np.random.default_rng(seed).choice(len(x), n_val, replace=False)] = True
     return (x[~val], y[~val]), (x[val], y[val])

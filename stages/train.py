@@ -5,6 +5,7 @@ compiled call per epoch: the same model, optimizer, loss and dropout as `fit`, w
 per-step Python and with XLA fusing dropout, the optimizer's element-wise passes and the metrics.
 """
 
+import itertools
 import math
 import os
 import statistics
@@ -129,7 +130,7 @@ def set_threads():
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def train(params, model_path, live_dir):
+def train(params, splits, model_path, live_dir):
     keras = import_keras()
     import tensorflow as tf
     from dvclive import Live
@@ -139,8 +140,7 @@ def train(params, model_path, live_dir):
     keras.utils.set_random_seed(seed)  # Python, NumPy and Keras: split-independent init and dropout
     tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(t["precision"])
-    x, y, divisor = load_split("train")
-    x_val, y_val, _ = load_split("val")
+    (x, y, divisor), (x_val, y_val, _) = splits
     model = build_model(params["model"], image_shape=x.shape[1:])
     # XLA fuses the MLP's element-wise passes; the CNN cannot use it (check_cnn, README "A CNN").
     jit = t["jit_compile"] if t["jit_compile"] != "auto" else params["model"]["type"] == "mlp"
@@ -185,29 +185,85 @@ def train(params, model_path, live_dir):
     return model, live.summary
 
 
-def check_cnn(p, t, side=28):
+def conv_sides(p, side=28):
+    """The image side after each conv block of the CNN: convolution, then 2x2 pooling."""
+    sides = []
+    for _ in p["filters"]:
+        side = (side - (p["kernel_size"] - 1 if p["padding"] == "valid" else 0)) // 2
+        sides.append(side)
+    return sides
+
+
+def check_cnn(p, t):
     """Fail before TensorFlow on a CNN that cannot run: too many blocks, or XLA asked for."""
     if t["jit_compile"] is True:  # `auto` and false run the CNN without XLA
         raise PipelineError(
             "params.yaml: train.jit_compile true cannot train the CNN: XLA has no deterministic MaxPool "
             "gradient (and is slower here); use auto or false"
         )
-    for _ in p["filters"]:
-        side = (side - (p["kernel_size"] - 1 if p["padding"] == "valid" else 0)) // 2  # conv, 2x2 pooling
-        if side < 1:
-            raise PipelineError(
-                f"params.yaml: model.filters {p['filters']} with model.kernel_size {p['kernel_size']} and "
-                f"model.padding {p['padding']} shrink the 28x28 image to nothing; "
-                "use fewer blocks or a smaller kernel"
-            )
+    if min(conv_sides(p)) < 1:
+        raise PipelineError(
+            f"params.yaml: model.filters {p['filters']} with model.kernel_size {p['kernel_size']} and "
+            f"model.padding {p['padding']} shrink the 28x28 image to nothing; "
+            "use fewer blocks or a smaller kernel"
+        )
+
+
+def parameter_count(p, side=28, classes=10):
+    """The weights build_model(p) creates, worked out from params alone (no tensor is allocated)."""
+    if p["type"] == "cnn":
+        channels, count = [1, *p["filters"]], 0
+        for c_in, c_out in itertools.pairwise(channels):
+            count += p["kernel_size"] ** 2 * c_in * c_out + c_out
+        width = conv_sides(p, side)[-1] ** 2 * channels[-1]
+        widths = [width, p["dense_units"]] if p["dense_units"] else [width]
+    else:
+        count, widths = 0, [side * side] + [p["hidden_units"]] * p["hidden_layers"]
+    widths.append(classes)
+    return count + sum((a + 1) * b for a, b in itertools.pairwise(widths))
+
+
+def machine_memory():
+    """Bytes of RAM this process may use: the machine's, or its cgroup's limit where lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # "max" when unlimited
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def check_size(params, n_train):
+    """Fail before TensorFlow on a batch larger than the training split, or a model larger than memory."""
+    batch = params["train"]["batch_size"]
+    if batch > n_train:  # refused, not shrunk: the run would be recorded with a batch size it did not use
+        raise PipelineError(
+            f"params.yaml: train.batch_size {batch} is more than the {n_train} training images; lower it, "
+            "or keep more images for training (preprocess.validation_split, preprocess.train_size)"
+        )
+    p = params["model"]
+    count = parameter_count(p)
+    need, have = 2 * 4 * count, machine_memory()  # float32 weights and their gradients, at the least
+    if need > have:
+        shape = (
+            f"model.filters {p['filters']}, model.dense_units {p['dense_units']}"
+            if p["type"] == "cnn"
+            else f"model.hidden_units {p['hidden_units']}, model.hidden_layers {p['hidden_layers']}"
+        )
+        raise PipelineError(
+            f"params.yaml: {shape} make {count:,} parameters, at least {need / 1e9:,.1f} GB for their "
+            f"float32 weights and gradients, but this machine has {have / 1e9:,.1f} GB; use a smaller model"
+        )
 
 
 def main():
     params = load_params("seed", "model", "train")  # before TensorFlow: a typo fails in milliseconds
     if params["model"]["type"] == "cnn":
         check_cnn(params["model"], params["train"])
+    splits = load_split("train"), load_split("val")
+    check_size(params, len(splits[0][1]))
     with atomic_path(MODEL_FILE) as model_path, atomic_path(LIVE_DIR) as live_dir:
-        model, summary = train(params, model_path, live_dir)
+        model, summary = train(params, splits, model_path, live_dir)
     lines = []
     model.summary(print_fn=lambda text, line_break=True: lines.append(text))
     with atomic_path(SUMMARY_FILE) as tmp:

@@ -19,11 +19,32 @@ from stages import evaluate
 FRAME, BOX = 28, 20  # MNIST: the ink fits a 20x20 box, centred by centre of mass in 28x28
 CENTRE = 14  # where MNIST's centres of mass sit (row and column 14.0 on average over the test set)
 NOISE = 0.1  # ink darker than 10% of the image's contrast is paper texture or JPEG noise
+# Memory stays bounded whatever the file: a larger image is shrunk to WORK pixels on its longer side
+# before any array is made (the digit ends up 20 px anyway), a JPEG already while it is decoded, at
+# 1/2, 1/4 or 1/8 scale. What is decoded at full size (a PNG) may have up to MAX_PIXELS, 8000x8000:
+# a 48 MP phone photo or a 600-dpi A4 scan (35 MP) fits, and its decoded RGBA pixels take 256 MB.
+WORK = 2048
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = None  # Pillow's own limit would warn about a JPEG before its reduced decode
 
 
 def read_image(path):
-    """Grayscale uint8 array of an image file; a transparent background counts as white paper."""
+    """Grayscale uint8 array of an image file, at most WORK pixels on a side; a transparent
+    background counts as white paper."""
     with Image.open(path, formats=("PNG", "JPEG")) as im:
+        longest = max(im.size)
+        if longest > WORK:  # JPEG only: libjpeg decodes at a smaller scale, straight to grey
+            im.draft("L", tuple(max(1, side * WORK // longest) for side in im.size))
+        if im.width * im.height > MAX_PIXELS:
+            raise PipelineError(
+                f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} this command decodes; "
+                f"scale it down (to {WORK} pixels on its longer side, say)"
+            )
+        if max(im.size) > WORK:  # a box filter averages every pixel, as a smaller photo would
+            if im.mode in ("1", "P"):  # which Pillow resizes by picking pixels, dropping thin strokes
+                im = im.convert("RGBA")
+            scale = WORK / max(im.size)
+            im = im.resize(tuple(max(1, round(side * scale)) for side in im.size), Image.Resampling.BOX)
         im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
         if im.mode.startswith("I"):  # 16-bit greyscale PNG: Pillow's convert("L") would clip it, not scale it
             return np.round(np.asarray(im, dtype="float32") / 257).clip(0, 255).astype("uint8")
@@ -68,8 +89,10 @@ def load(path):
     except UnidentifiedImageError:
         raise PipelineError(f"{path}: not a PNG or JPEG image") from None
     # Pillow reports damaged data as OSError ("image file is truncated"), SyntaxError or ValueError.
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise PipelineError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    except PipelineError as e:  # too many pixels
+        raise PipelineError(f"{path}: {e}") from None
     try:
         return prepare(gray)
     except PipelineError as e:
