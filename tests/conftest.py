@@ -170,3 +170,19 @@ def prepared(project, raw_data):
     shutil.copytree(raw_data, project / "data" / "raw")
     run_stage("preprocess", project)
     return project
+
+
+@pytest.fixture(scope="session")
+def reproduced(synthetic_env, tmp_path_factory):
+    """(project, stdout of its `dvc repro`): one whole pipeline run on synthetic MNIST per session,
+    small config, shared by the tests that start from a finished run. Copy it with `repro_project`."""
+    work = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
+    proc = run(["dvc", "repro"], work, env={**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return work, proc.stdout
+
+
+@pytest.fixture
+def repro_project(reproduced, tmp_path):
+    """A private copy of the session's finished project (git, .dvc/cache, dvc.lock, outputs): a test
+    that changes things starts where `dvc repro` ended, without running the stages again."""
+    return Path(shutil.copytree(reproduced[0], tmp_path / "project", symlinks=True))

@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from conftest import run, set_params
+from conftest import run
 
 TEST_DIGITS = 10_000  # accuracies below are counts of correctly classified test digits out of these
 
@@ -68,11 +68,9 @@ def test_bad_tolerance(project):
     assert (proc.returncode, proc.stderr) == (1, "error: --tolerance must be a number in [0, 1), got -0.1\n")
 
 
-def test_forced_rerun_reproduces(project, synthetic_env):
+def test_forced_rerun_reproduces(repro_project, synthetic_env):
     """What `make check-repro` does, small: commit a run's results, rerun every stage, compare."""
-    env = synthetic_env
-    set_params(project, {"train.epochs": 1})  # the pipeline runs twice: as small as it goes
-    run(["dvc", "repro"], project, env=env)
+    env, project = synthetic_env, repro_project  # the first run is the session's
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "results"], project)
     run(["dvc", "repro", "--force"], project, env=env)

@@ -46,12 +46,13 @@ def experiments(show):
     return found
 
 
-def test_repro_then_experiment(project, synthetic_env):
+def test_repro_then_experiment(reproduced, repro_project, synthetic_env):
     env = {**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    project = repro_project
 
-    # 1. the whole pipeline, in order
-    first = run(["dvc", "repro"], project, env=env)
-    assert ran(first.stdout) == list(STAGES), first.stdout
+    # 1. the whole pipeline, in order (the session's one run from scratch, in a copy of it)
+    first = reproduced[1]
+    assert ran(first) == list(STAGES), first
     evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert 0.5 < evaluate["test_accuracy"] <= 1 and evaluate["test_loss"] > 0
     train = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
@@ -137,10 +138,9 @@ def listed(sums_file):
     return dict(line.split()[::-1] for line in Path(sums_file).read_text().splitlines())
 
 
-def test_switching_dataset_reruns_from_download_and_switching_back_restores(project, synthetic_env):
+def test_switching_dataset_reruns_from_download_and_switching_back_restores(repro_project, synthetic_env):
     env = {**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    first = run(["dvc", "repro"], project, env=env)
-    assert ran(first.stdout) == list(STAGES), first.stdout
+    project = repro_project  # MNIST reproduced: test_repro_then_experiment checks that run itself
     assert raw_payloads(project) == listed(env["MNIST_SHA256SUMS"])
     mnist_metrics = (project / "metrics" / "evaluate.json").read_text()
 
