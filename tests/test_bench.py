@@ -1,188 +1,138 @@
-"""The pure pieces of `make bench`: FLOP counting, ratios, the plain script's flags and the report."""
+"""`make bench`'s pieces: FLOP counting, the paired ratios and medians, results.md, the plain script,
+and how a child process is measured. The whole run is `QUICK=1 make bench` (minutes)."""
 
-import subprocess
+import json
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
+from conftest import run, set_params
 
-from benchmarks import report, run
+from benchmarks import bench, tables
+from stages.train import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-MLP = {"hidden_units": 512, "hidden_layers": 2}
+CNN = {"type": "cnn", "filters": [32, 64], "kernel_size": 3, "padding": "valid", "dense_units": 0}
+CNN |= {"activation": "relu", "dropout": 0.5}
 
 
-def test_forward_flops_are_two_per_weight():
-    # model_summary.txt's 669,706 parameters less the 512 + 512 + 10 biases: one multiply-add per weight
-    assert run.forward_flops(MLP) == 2 * (669_706 - 1034)
-    assert run.forward_flops({**MLP, "hidden_layers": 1}) == 2 * (784 * 512 + 512 * 10)
-    # the Keras convnet: 28 -> conv 26 -> pool 13 -> conv 11 -> pool 5, then 5x5x64 -> 10
-    cnn = {"type": "cnn", "filters": [32, 64], "kernel_size": 3, "padding": "valid", "dense_units": 0}
-    convs = 26 * 26 * 9 * 1 * 32 + 11 * 11 * 9 * 32 * 64
-    assert run.forward_flops(cnn) == 2 * (convs + 1600 * 10)
-    assert run.forward_flops({**cnn, "dense_units": 128}) == 2 * (convs + 1600 * 128 + 128 * 10)
-    same = 28 * 28 * 9 * 1 * 32 + 14 * 14 * 9 * 32 * 64  # 28 -> 28 -> 14 -> 14 -> 7
-    assert run.forward_flops({**cnn, "padding": "same"}) == 2 * (same + 3136 * 10)
+def test_forward_flops_are_two_per_weight_and_output_pixel():
+    mlp = build_model(PARAMS["model"])
+    assert mlp.count_params() == 669_706  # metrics/model_summary.txt
+    assert bench.forward_flops(mlp) == 2 * (669_706 - (512 + 512 + 10))  # one multiply-add per weight
+    # The Keras convnet: 28 -> conv 26 -> pool 13 -> conv 11 -> pool 5, then 5x5x64 -> 10.
+    convs = 26 * 26 * (3 * 3 * 1 * 32) + 11 * 11 * (3 * 3 * 32 * 64)
+    assert bench.forward_flops(build_model(CNN)) == 2 * (convs + 1600 * 10)
+    same = 28 * 28 * (3 * 3 * 1 * 32) + 14 * 14 * (3 * 3 * 32 * 64)  # 28 -> 28 -> 14 -> 14 -> 7
+    assert bench.forward_flops(build_model(CNN | {"padding": "same"})) == 2 * (same + 7 * 7 * 64 * 10)
 
 
-def test_epoch_flops_and_rates():
-    flops = run.epoch_flops(MLP, 48_000, 12_000)
-    assert flops == pytest.approx(0.21e12, rel=0.01)  # the README's 0.21 TFLOP per baseline epoch
-    assert run.gflops(flops, 2.0) == pytest.approx(flops / 2e9, abs=0.05)
-    assert run.gflops(None, 2.0) is None
-    assert run.ratio(3.0, 1.5) == 2.0 and run.ratio(None, 1.5) is None
+def test_with_overrides_copies():
+    params = bench.with_overrides(PARAMS, {"train.batch_size": 32, "model.hidden_units": 2048})
+    assert (params["train"]["batch_size"], params["model"]["hidden_units"]) == (32, 2048)
+    assert params["train"]["epochs"] == PARAMS["train"]["epochs"] and PARAMS["train"]["batch_size"] == 128
 
 
-def test_compare_gives_plain_over_stage_and_percent_of_matmul():
-    side = {"loop_seconds": 20.0, "epoch_seconds": 2.0, "wall_seconds": 30.0, "gflops": 100.0}
-    stage = {"loop_seconds": 8.0, "epoch_seconds": 0.8, "wall_seconds": 20.0, "gflops": 250.0}
-    out = run.compare(side, stage, {"square_2048": 400.0})
-    assert (out["loop_ratio"], out["epoch_ratio"], out["wall_ratio"]) == (2.5, 2.5, 1.5)
-    assert (out["reference_percent_of_matmul"], out["project_percent_of_matmul"]) == (25.0, 62.5)
-    alone = run.compare(None, stage, {"square_2048": 400.0})  # a variant the plain script cannot run
-    assert alone["loop_ratio"] is None and alone["reference_percent_of_matmul"] is None
+def side(loops, walls, rss=900, accuracy=0.98, epoch=1.0):
+    return [
+        {"loop_seconds": lo, "wall_seconds": w, "epoch_seconds": epoch, "peak_rss_mb": rss}
+        | {"test_accuracy": accuracy}
+        for lo, w in zip(loops, walls, strict=True)
+    ]
 
 
-def flags(args):
-    return dict(zip(args[::2], args[1::2], strict=False))
+def test_summarize_pairs_each_round_with_the_stage():
+    runs = {"stage": side([10, 20, 11], [15, 25, 16]), "tensorflow": side([30, 30, 22], [30, 50, 32], 1100)}
+    runs["tensorflow"][1]["epoch_seconds"] = 9.0  # one slow epoch moves the median not at all
+    s = bench.summarize(runs, flops=2e11, matmul=400.0)
+    # rounds' ratios 3, 1.5 and 2: median 2; the ratio of the medians would be 30 / 11
+    assert s["tensorflow"]["loop_ratio"] == 2.0
+    assert s["tensorflow"]["wall_ratio"] == 2.0  # 2, 2, 2
+    assert (s["stage"]["loop_ratio"], s["stage"]["wall_ratio"]) == (1.0, 1.0)
+    assert (s["stage"]["loop_seconds"], s["tensorflow"]["peak_rss_mb"]) == (11, 1100)
+    assert (s["tensorflow"]["gflops"], s["tensorflow"]["percent_of_matmul"]) == (200.0, 50.0)  # 2e11 / 1 s
 
 
-@pytest.mark.parametrize(
-    ("overrides", "expected"),
-    [
-        ({}, {"--hidden-units": "512", "--batch-size": "128", "--optimizer": "rmsprop", "--dropout": "0.2"}),
-        ({"train.optimizer": "sgd", "model.dropout": 0}, {"--optimizer": "sgd", "--dropout": "0"}),
-        ({"model.activation": "linear", "train.jit_compile": False}, {"--activation": "linear"}),
-    ],
-)
-def test_reference_args_carry_each_variants_settings(overrides, expected):
-    args = run.reference_args(run.with_overrides(PARAMS, overrides), overrides)
-    assert expected.items() <= flags(args).items()
-    assert "--learning-rate" not in args  # null: the optimizer's Keras default, as in the stage
-
-
-def test_reference_args_for_raw_pixels_and_for_what_it_cannot_run():
-    raw = {"preprocess.normalize": False}
-    assert run.reference_args(run.with_overrides(PARAMS, raw), raw)[-1] == "--no-normalize"
-    cnn = {"model.type": "cnn", "model.filters": [16, 32], "model.dense_units": 128}
-    args = flags(run.reference_args(run.with_overrides(PARAMS, cnn), cnn))
-    assert {
-        "--model": "cnn",
-        "--filters": "16,32",
-        "--kernel-size": "3",
-        "--dense-units": "128",
-    }.items() <= args.items()
-    no_flag = {"plot.samples": 4}  # a param the plain script has no flag for: the stage side runs alone
-    assert run.reference_args(run.with_overrides(PARAMS, no_flag), no_flag) is None
-
-
-def variant(plain_loop, stage_loop, rss=800):
-    stage = {"loop_seconds": stage_loop, "epoch_seconds": stage_loop / 4, "wall_seconds": stage_loop + 10}
-    stage |= {"gflops": 150.0, "peak_rss_mb": rss, "test_accuracy": 0.98, "val_accuracy": 0.979}
-    plain = {**stage, "loop_seconds": plain_loop, "epoch_seconds": plain_loop / 4, "peak_rss_mb": 1100}
-    plain["wall_seconds"] = plain_loop + 10
-    plain = plain if plain_loop else None
-    return {"overrides": {}, "epochs": 4, "flops_per_epoch": 2.09e11, "loadavg": [1.0]} | run.compare(
-        plain, stage, {"square_2048": 300.0}
-    )
-
-
-def results(sweep=True, rss=800):
+def results(jax=True, profile=False):
+    runs = {"stage": side([16.0], [21.0], epoch=1.6), "tensorflow": side([40.0], [50.0], 1100, 0.9796)}
+    if jax:
+        runs["jax"] = side([20.0], [21.0], 670, 0.9802, epoch=1.9)
+    variant = {"overrides": {"train.batch_size": 32}, "epochs": 3, "flops_per_epoch": 3.2e11, "runs": runs}
     r = {
         "date": "2026-12-01T04:00",
         "machine": "x86_64, 2 cores, Test CPU",
-        "mode": "full",
-        "loadavg_start": [0.5, 0.4, 0.3],
-        "loadavg_end": [2.5, 2.0, 1.0],
-        "matmul_runs": [{"loadavg_before": [0.7, 0, 0]}, {"loadavg_before": [2.2, 0, 0]}],
-        "matmul": {"square_2048": 300.0, "square_2048_bfloat16": 1200.0},
-        "variants": {"baseline": variant(40.0, 16.0, rss=rss), "cnn": variant(0, 30.0)},
-        "precision": [
-            {"precision": "float32", "jit_compile": True, "first_epoch_seconds": 3.0, "epoch_seconds": 1.0}
-            | {"test_accuracy": 0.98}
-        ],
-        "checks": {
-            "noop_repro_seconds": [0.7, 0.6, 0.65],
-            "stages": {s: {"imports_tensorflow": False} for s in ("download", "preprocess", "plot")},
-        },
+        "quick": False,
+        "versions": {"tensorflow-cpu": "2.21.0", "keras": "3.15.1", "jax": "0.10.2" if jax else None},
+        "loadavg": {"start": [0.5, 0.4, 0.3], "end": [1.25, 1.0, 0.75]},
+        "matmul_gflops": [380.0, 400.0],
+        "variants": {"batch32": variant | {"sides": bench.summarize(runs, 3.2e11, 400.0)}},
     }
-    if sweep:
-        runs = [("plain", 600.0), ("jobs1", 400.0), ("jobs2", 320.0), ("jobs2", 360.0), ("jobs1", 380.0)]
-        runs += [("plain", 640.0)]
-        r["sweep"] = {"variants": list("abcdefghi"), "epochs": 10, "runs": []}
-        r["sweep"]["runs"] = [{"mode": m, "wall_seconds": t} for m, t in runs]
-        r["sweep"]["runs"][2] |= {"cpu_seconds": 600.0, "loop_seconds": 456.0}
-        r["sweep"]["runs"][3] |= {"cpu_seconds": 620.0, "loop_seconds": 460.0}  # other modes: older results
+    if profile:
+        r["profiles"] = [{"hidden_units": 512, "samples": 48_000, "flops": 2e11} | {"stage": 1.5}]
+        r["profiles"][0] |= {"no_dropout": 1.0, "matmuls": 0.9}
     return r
 
 
-def row(md, first_cell, after):
-    """The cells of the first table row starting with `first_cell` after the heading containing `after`."""
-    lines = md[md.index(after) :].splitlines()
-    line = next(ln for ln in lines if ln.startswith(f"| {first_cell} |"))
-    return [c.strip() for c in line.strip("|").split("|")]
+def rows(md, heading):
+    """The cells of each table row under the heading that starts with `heading`."""
+    lines = md[md.index(f"## {heading}") :].split("\n\n")[1].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
 
-def test_report_tables_from_a_hand_made_results_dict():
-    md = report.markdown(results())
-    assert "2026-12-01T04:00 on x86_64, 2 cores, Test CPU" in md
-    assert "load average (1 min) 0.5-2.5" in md
-    loop = row(md, "baseline", "## Training loop")
-    assert loop[3:6] == ["40.0", "16.0", "2.5x"]  # plain loop, stage loop, ratio
-    assert row(md, "cnn", "## Training loop")[3:6] == ["n/a", "30.0", "n/a"]
-    assert row(md, "baseline", "## Whole process")[1:4] == ["50.0", "26.0", "1.92x"]
-    assert row(md, "baseline", "## GFLOP/s")[2:] == ["150.0 (50.0%)", "150.0 (50.0%)"]
-    # medians: plain 620, JOBS=1 390, JOBS=2 340
-    jobs2 = ["340.0", "2", "1.82x", "610.0", "458.0"]  # medians; CPU and loops only where recorded
-    assert row(md, "`make ablations JOBS=2` (1 thread each)", "## The study")[1:] == jobs2
-    assert row(md, "`make ablations JOBS=1` (2 threads)", "## The study")[-2:] == ["n/a", "n/a"]
-    assert "152 of the 610 CPU seconds are spent outside the training loops: 16.9 s per run" in md
-    assert "Faster: `make ablations JOBS=2` (1 thread each), by 1.15x." in md
-    assert row(md, "float32", "## float32 and mixed_bfloat16")[1:] == ["True", "3.0", "1.0", "0.9800"]
-    assert row(md, "train stage peak RSS (largest of the variants)", "## Memory")[1:] == [
-        "800 MB",
-        "<= 1024 MB",
-        "yes",
+def test_markdown_tables_from_a_results_dict():
+    md = tables.markdown(results())
+    assert md.startswith("# `make bench`\n")
+    assert "2026-12-01T04:00 on x86_64, 2 cores, Test CPU; load average 0.50, 0.40, 0.30 at the start" in md
+    assert "batch32 (3 epochs, train.batch_size=32)" in md and "jax 0.10.2" in md
+    loop = rows(md, "Training loop")
+    assert loop[0] == ["batch32", "train stage", "16.0", "1.00x", "1.6", "0.98"]
+    assert loop[1] == ["batch32", "plain script, TensorFlow", "40.0", "2.50x", "1.0", "0.9796"]
+    assert loop[2][2:4] == ["20.0", "1.25x"]
+    assert rows(md, "Whole process")[2][2:] == ["21.0", "1.00x", "670"]
+    # 3.2e11 FLOP in 1.6 s: 200 GFLOP/s, 50% of the better matmul rate (400)
+    assert rows(md, "Arithmetic rate")[0][2:] == ["200.0", "50.0", "1.6"]
+    assert "## Where" not in md
+
+
+def test_markdown_says_why_jax_did_not_run_and_shows_a_profile():
+    md = tables.markdown(results(jax=False, profile=True) | {"quick": True})
+    assert md.startswith("# `make bench`: QUICK run")
+    for heading in ("Training loop", "Whole process", "Arithmetic rate"):
+        assert rows(md, heading)[2] == ["batch32", "plain script, JAX", tables.MISSING]
+    assert rows(md, "Where an MLP epoch")[0] == ["512", "1.5", "1.0", "0.9", "0.5"]  # 2e11 / 400 GFLOP/s
+
+
+def test_reference_trains_params_yaml_s_model(prepared):
+    set_params(prepared, {"model.hidden_layers": 1, "train.epochs": 2})
+    run([sys.executable, ROOT / "benchmarks/reference.py", "--out", "plain.json"], prepared)
+    out = json.loads((prepared / "plain.json").read_text())
+    assert out["params"] == 784 * 64 + 64 + 64 * 10 + 10  # SMALL's 64 units, one hidden layer
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    assert out["params"] == build_model(params["model"]).count_params()  # what bench.py checks
+    assert 0 < out["epoch_seconds"] <= out["train_seconds"] and 0.5 < out["test_accuracy"] <= 1
+
+
+PROBE = """
+import json, sys
+from pathlib import Path
+from benchmarks import bench
+bench.WORK = work = Path(sys.argv[1])
+small = bench.child([sys.executable, "-c", "pass"], work)
+big = bench.child([sys.executable, "-c", "b = b'x' * (300 * 2**20)"], work)
+(work / "out.json").write_text(json.dumps({"tf": "tensorflow" in sys.modules, "small": small, "big": big}))
+bench.child([sys.executable, "-c", "print('why'); raise SystemExit(3)"], work)
+"""
+
+
+def test_child_gives_its_own_peak_rss_and_fails_in_one_line(tmp_path):
+    """exec keeps a parent's peak RSS in its child's: bench.py must stay small while it measures."""
+    proc = run([sys.executable, "-c", PROBE, tmp_path], ROOT, check=False)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert not out["tf"], "bench.py imports TensorFlow before the end: every side's peak RSS would include it"
+    assert out["small"]["peak_rss_mb"] < 150 and 300 <= out["big"]["peak_rss_mb"] < 450
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: {sys.executable} -c print('why'); raise SystemExit(3) failed in {tmp_path}; "
+        f"its output is in {tmp_path / 'child.log'}"
     ]
-    assert row(md, "no-op `dvc repro` (slowest of 3)", "## Memory")[-1] == "yes"
-
-
-def test_report_without_the_sweep_and_with_a_missed_target():
-    md = report.markdown(results(sweep=False, rss=1300))
-    assert "## The study" not in md
-    assert row(md, "train stage peak RSS (largest of the variants)", "## Memory")[-1] == "no"
-
-
-def test_report_shows_where_an_epochs_time_goes():
-    r = results(sweep=False)
-    seconds = {"stage": 12.0, "gradients": 9.0, "forward": 3.0, "no_dropout": 1.5, "dots": 8.4}
-    p = {"hidden_units": 2048, "batch_size": 128, "samples": 48_000, "seconds": seconds}
-    r["profiles"] = [p | {"flops": 1.8e12, "loadavg_before": [0.4, 0, 0]}]
-    md = report.markdown(r)
-    assert "its matmuls alone would take 6.00 s" in md  # 1.8 TFLOP at 300 GFLOP/s
-    assert row(md, report.PROFILE_ROWS["gradients"], "## Where a hidden-2048")[1:] == ["9.0", "75%"]
-    assert row(md, report.PROFILE_ROWS["no_dropout"], "## Where")[1:] == ["1.5", "12%"]
-    assert row(md, report.PROFILE_ROWS["dots"], "## Where")[1:] == ["8.4", "70%"]
-    assert "## Where" not in report.markdown(results(sweep=False))  # runs without it still render
-
-
-def test_run_py_finds_its_own_report_module():
-    """sweep/ (for study.flatten) also has a report.py: run.py must still import benchmarks/report.py."""
-    code = "from benchmarks import run, report; print(report.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert Path(out.stdout.strip()).resolve() == ROOT / "benchmarks" / "report.py"
-
-
-def test_sweep_only_without_results_says_what_to_run(tmp_path):
-    """--sweep-only updates an existing results.json; without one it stops before timing anything."""
-    code = (
-        "import sys, pathlib; from benchmarks import run; "
-        f"run.HERE = pathlib.Path({str(tmp_path)!r}); sys.argv = ['run.py', '--sweep-only']; run.main()"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 1
-    assert (
-        out.stderr.strip().splitlines()[-1].startswith("error: --sweep-only updates benchmarks/results.json")
-    )
+    assert (tmp_path / "child.log").read_text() == "why\n"
