@@ -54,18 +54,19 @@ check-repro: setup  ## rerun the whole pipeline; fail if test_accuracy moved fro
 plots-template: setup  ## rebuild .dvc/offline-plots/ (vega for `dvc plots` offline) from npm
 	python .dvc/offline-plots/build.py
 
-# The ablation study (ablations.yaml): every variant at every seed as a named DVC experiment, then
-# its report. SEEDS="0 1" and ONLY=baseline,sgd narrow it; SET="k=v ..." adds overrides to every run;
+# The study (ablations.yaml): every variant at every seed as a named DVC experiment, then its
+# report. SEEDS="0 1" and ONLY=baseline,sgd narrow it; SET="k=v ..." adds overrides to every run;
 # JOBS=N runs N at once (default 2), each with cores/N training threads; FORCE=1 re-runs existing ones.
 # With RAY_ADDRESS set, one Ray task per run on that cluster instead (`make setup-cluster` first;
-# CPUS=N per run).
+# CPUS=N per run). Exit status 3 means some runs failed: the report still covers the others; an
+# `error:` line (status 1) or Ctrl-C ends it without one.
 STUDY_ARGS = $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(ONLY),--only $(ONLY))
 .PHONY: ablations report
 ablations: setup  ## run the study's experiments and write reports/ablations.md
 	$(if $(RAY_ADDRESS),python -m sweep.cluster $(if $(CPUS),--cpus $(CPUS)), \
-		python -m sweep.ablations $(if $(JOBS),--jobs $(JOBS))) \
+		python -m sweep.local $(if $(JOBS),--jobs $(JOBS))) \
 		$(STUDY_ARGS) $(if $(FORCE),--force) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET) \
-		|| { python -m sweep.report $(STUDY_ARGS); exit 1; }
+		|| { test $$? = 3 && python -m sweep.report $(STUDY_ARGS); exit 1; }
 	python -m sweep.report $(STUDY_ARGS)
 
 report: setup  ## reports/ablations.{md,csv} and figures from the experiments DVC has (SEEDS, ONLY as above)

@@ -4,11 +4,12 @@ One Ray task per experiment (variant x seed), each running sweep/worker.py in a 
 whichever node has the CPUs free; a task whose node dies is retried on another. The workers
 publish to the git remote `origin` and the default DVC remote, so this machine only schedules
 and, at the end, collects every run with `dvc exp pull origin`. Credentials reach the tasks
-through the environment, from the allow-list FORWARD only. Exit status 1 names every failed run.
+through the environment, from the allow-list FORWARD only. Exit status as sweep/local.py's.
 """
 
 import argparse
 import json
+import logging
 import os
 import re
 import socket
@@ -24,8 +25,8 @@ from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from sweep.ablations import parse_overrides
-from sweep.study import add_selection_args, committed_params, fail, format_value, selected_runs
+from sweep import study
+from sweep.study import fail, sh
 from sweep.worker import check_dvc_remote, dvc_remote_url
 
 # Environment variables a task receives: cloud credentials, the git SSH command, the datasets'
@@ -38,37 +39,22 @@ SWEEP = Path(__file__).resolve().parent
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
-    add_selection_args(p, "run")
+    study.add_selection_args(p, "run")
+    study.add_run_args(p)
     p.add_argument("--cpus", type=float, default=2, help="CPUs one training uses (%(default)s)")
     p.add_argument("--retries", type=int, default=3, help="times a run is retried when its node dies")
-    p.add_argument("--force", action="store_true", help="re-run experiments that are already published")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds one `dvc exp run` may take")
     return p.parse_args(argv)
-
-
-def git(*args):
-    proc = subprocess.run(["git", *args], capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def plan(args):
     """([(name, overrides)], extra overrides), after the checks that would otherwise fail every task."""
-    _, wanted = selected_runs(args)
-    extra, base = parse_overrides(args.set), committed_params()
-    todo = [(name, {**overrides, **extra}) for name, overrides in wanted]
-    unknown = sorted({k for _, overrides in todo for k in overrides if k not in base})
-    if unknown:
-        fail(f"{', '.join(unknown)} not in params.yaml")
-    dirty = git("status", "--porcelain", "--", "params.yaml", "dvc.yaml", "stages", "sweep", args.study)
-    if dirty:
-        fail(f"uncommitted changes would not reach the workers; commit and push them first:\n{dirty}")
-    if git("fetch", "-q", "origin") is None:
-        fail("git remote origin is missing or unreachable: `git remote add origin URL`, then push")
-    if not git("branch", "-r", "--contains", "HEAD"):
+    wanted, extra, _ = study.checked_runs(args)
+    study.check_committed("would not reach the workers; commit and push them first", "sweep", args.study)
+    sh("git", "fetch", "-q", "origin", what="git remote origin is missing or unreachable (`git remote add`)")
+    if not sh("git", "branch", "-r", "--contains", "HEAD"):
         fail("HEAD is not on origin, so the workers cannot clone it: `git push origin HEAD` first")
     check_dvc_remote()
-    return todo, extra
+    return [(name, {**own, **extra}) for name, own in wanted], extra
 
 
 @ray.remote
@@ -114,11 +100,9 @@ def watch(tasks, events):
     return results
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    todo, extra = plan(args)
-    rev, url, dvc_url = git("rev-parse", "HEAD"), git("remote", "get-url", "origin"), dvc_remote_url()
-    env = {k: v for k, v in os.environ.items() if FORWARD.fullmatch(k)}
+def join(env, cpus):
+    """Connect to the cluster of RAY_ADDRESS, shipping sweep/ and `env` to the tasks, and check that a
+    node can take one run at all: Ray would keep a task that asks for more CPUs queued forever."""
     address = os.environ.get("RAY_ADDRESS", "auto")
     host, _, port = address.rpartition(":")
     try:  # HOST:PORT of a head that is not there: ray.init would retry it for minutes
@@ -130,40 +114,54 @@ def main(argv=None):
         ray.init(
             runtime_env={"py_modules": [str(SWEEP)], "excludes": ["__pycache__"], "env_vars": env},
             log_to_driver=False,  # the workers' output comes back with their results
+            logging_level=logging.WARNING,  # not its connection diary: the study's lines are what counts
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
         fail(f"cannot join the Ray cluster at {address}: {e}")
-    # The progress queue lives on this node, so it survives the death of any other.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    common = ["--rev", rev, "--git-remote", url, "--dvc-remote", dvc_url, "--study", args.study]
-    common += ["--timeout", str(args.timeout)]
-    common += ["--force"] if args.force else []
-    task = run_one.options(num_cpus=args.cpus, max_retries=args.retries)
-    start = time.monotonic()
-    # A worker finds a run's own overrides in the study file from its name; it gets only SET's.
-    sets = [f"{k}={format_value(v)}" for k, v in extra.items()]
-    tasks = {task.remote(name, [*sets, *common], events): name for name, _ in todo}
-    results = watch(tasks, events)
-    failed = {n: r for n, r in results.items() if r["status"] == "failed"}
-    ray.shutdown()
-    counts = Counter(r["status"] for r in results.values())
-    print(
-        f"\ncluster: {counts['done']} run, {counts['skipped']} skipped, {len(failed)} failed "
-        f"in {time.monotonic() - start:.0f} s"
-    )
-    steps = [r["seconds"] for r in results.values() if r["status"] == "done"]
-    if steps:  # what the fan-out costs a run, beside the run itself
-        means = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
-        print("mean seconds per run: " + ", ".join(f"{k} {v:.1f}" for k, v in means.items()))
-    for name, result in failed.items():
-        tail = " / ".join(result["log"].strip().splitlines()[-3:])
-        print(f"  {name}: {result.get('error')}" + (f" ({tail})" if tail else ""))
-    # Every run that made it, from the remotes, so `make report` and `dvc exp show` see them here.
-    pulled = subprocess.run(["dvc", "exp", "pull", "origin"])
-    if pulled.returncode:
-        fail("dvc exp pull origin failed; the published runs stay on the remotes, pull them again")
-    return 1 if failed else 0
+    offered = sorted({node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]})
+    most = max(offered, default=0)
+    if most < cpus:
+        fix = f"make ablations CPUS={most:g}, or start" if most else "start"
+        fail(
+            f"a run asks for {cpus:g} CPUs (CPUS={cpus:g}) but the nodes of {address} offer "
+            f"{' or '.join(f'{c:g}' for c in offered) or 'none'} each; {fix} nodes with --num-cpus={cpus:g}"
+        )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    todo, extra = plan(args)
+    rev, url = sh("git", "rev-parse", "HEAD"), sh("git", "remote", "get-url", "origin")
+    with study.lock_workspace():
+        join({k: v for k, v in os.environ.items() if FORWARD.fullmatch(k)}, args.cpus)
+        # The progress queue lives on this node, so it survives the death of any other.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        common = ["--rev", rev, "--git-remote", url, "--dvc-remote", dvc_remote_url(), "--study", args.study]
+        common += ["--timeout", str(args.timeout), *(["--force"] if args.force else [])]
+        task = run_one.options(num_cpus=args.cpus, max_retries=args.retries)
+        start = time.monotonic()
+        # A worker finds a run's own overrides in the study file from its name; it gets only SET's.
+        tasks = {task.remote(name, [*study.assignments(extra), *common], events): name for name, _ in todo}
+        results = watch(tasks, events)
+        ray.shutdown()
+        failed = {n: r for n, r in results.items() if r["status"] == "failed"}
+        counts = Counter(r["status"] for r in results.values())
+        print(
+            f"\ncluster: {counts['done']} run, {counts['skipped']} skipped, {len(failed)} failed "
+            f"in {time.monotonic() - start:.0f} s"
+        )
+        steps = [r["seconds"] for r in results.values() if r["status"] == "done"]
+        if steps:  # what the fan-out costs a run, beside the run itself
+            means = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+            print("mean seconds per run: " + ", ".join(f"{k} {v:.1f}" for k, v in means.items()))
+        for name, result in failed.items():
+            tail = " / ".join(result["log"].strip().splitlines()[-3:])
+            print(f"  {name}: {result.get('error')}" + (f" ({tail})" if tail else ""))
+        # Every run that made it, from the remotes, so `make report` and `dvc exp show` see them here.
+        if subprocess.run(["dvc", "exp", "pull", "origin"]).returncode:
+            fail("dvc exp pull origin failed; the published runs stay on the remotes, pull them again")
+    return study.RUNS_FAILED if failed else 0
 
 
 if __name__ == "__main__":

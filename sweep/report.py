@@ -19,16 +19,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from sweep.stats import BASELINE, summarize
-from sweep.study import (
-    add_selection_args,
-    committed_params,
-    experiments,
-    fail,
-    format_value,
-    selected_runs,
-)
+from sweep import study
+from sweep.stats import summarize
+from sweep.study import BASELINE
 
+FIRST = ("name", "variant", "seed")  # the CSV's first columns; then the overridden params, METRICS, rev
 # CSV column -> (metrics file, key): the test numbers are of the best epoch, the others of the last
 METRICS = {
     "test_accuracy": ("metrics/evaluate.json", "test_accuracy"),
@@ -61,10 +56,10 @@ def lookup(metrics, file, dotted):
 
 
 def collect(wanted, base):
-    """The per-run table from DVC: one row per finished run of `wanted` (runs()), with every param that
-    any run overrides."""
-    found, rows = experiments(), []
-    for name, overrides in wanted:
+    """The per-run table from DVC: one row per finished run of `wanted` (runs()), with a column for
+    every param that any run overrides, between FIRST and METRICS."""
+    found, rows, params = study.experiments(), [], []
+    for name, _ in wanted:
         run = found.get(name)
         if not run or run["state"] != "success":
             continue
@@ -72,14 +67,17 @@ def collect(wanted, base):
         if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in numbers.values()):
             print(f"warning: {name} lacks a metric; left out", file=sys.stderr)
             continue
-        variant = name.rsplit("-s", 1)[0]  # runs() names them <variant>-s<seed>
-        row = {"name": name, "variant": variant, "seed": overrides["seed"], **numbers, "rev": run["rev"]}
-        rows.append((row, run["params"]))
-    changed = sorted({k for _, p in rows for k, v in p.items() if k != "seed" and base.get(k) != v})
-    table = pd.DataFrame([r for r, _ in rows], columns=["name", "variant", "seed", *METRICS, "rev"])
-    for i, key in enumerate(changed):
-        table.insert(3 + i, key, [format_value(p.get(key)) for _, p in rows])
-    return table
+        variant, seed = study.parse_run_name(name)
+        rows.append({"name": name, "variant": variant, "seed": seed, **numbers, "rev": run["rev"]})
+        params.append(run["params"])
+    changed = sorted({k for p in params for k, v in p.items() if k != "seed" and base.get(k) != v})
+    for row, p in zip(rows, params, strict=True):
+        row.update({k: study.format_value(p.get(k)) for k in changed})
+    return pd.DataFrame(rows, columns=[*FIRST, *changed, *METRICS, "rev"])
+
+
+def param_columns(frame):
+    return [col for col in frame.columns if col not in (*FIRST, *METRICS, "rev")]
 
 
 def read_runs(path):
@@ -89,14 +87,14 @@ def read_runs(path):
     return pd.read_csv(path, dtype=text, keep_default_na=False)
 
 
-def extra_overrides(frame, study):
+def extra_overrides(frame, variants):
     """The param columns that no variant sets, i.e. SET=... on every run: "train.epochs=1" or ""."""
-    own = {k for exp in study for k in exp["set"]}
-    params = frame.columns[3 : frame.columns.get_loc("test_accuracy")]
-    return ", ".join(f"{k}={'/'.join(frame[k].unique())}" for k in params if k not in own)
+    own = {k for exp in variants for k in exp["set"]}
+    return ", ".join(f"{k}={'/'.join(frame[k].unique())}" for k in param_columns(frame) if k not in own)
 
 
 NONE = "n/a"  # a cell that one seed cannot fill
+LEFT = ("variant", "change", "compared with")  # the columns of words; numbers align right
 
 
 def cell(value, spec):
@@ -107,50 +105,43 @@ def ci(interval, spec):
     return NONE if interval is None else f"{interval[0]:{spec}} to {interval[1]:{spec}}"
 
 
+def markdown(header, rows):
+    rule = ["---" if col in LEFT else "---:" for col in header]
+    return "\n".join("| " + " | ".join(map(str, row)) + " |" for row in (header, rule, *rows))
+
+
 FINAL = (("loss", ".4f"), ("accuracy", ".2%"), ("val_loss", ".4f"), ("val_accuracy", ".2%"))
 
 
-def with_published(ours, theirs, spec):
-    """ "ours (published)": a source may publish only the test accuracy."""
-    return f"{ours:{spec}} ({NONE if theirs is None else format(theirs, spec)})"
-
-
-def tables(frame, summary, study):
-    refs = {exp["name"]: exp["reference"] for exp in study}
-    acc = [
-        "| variant | change | n | mean | 95% CI | sd (pp) | min | max | compared with | Δ (pp, paired) "
-        "| 95% CI (pp) | published |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
-    ]
+def tables(frame, summary, variants):
+    """The Markdown tables of test accuracy, test loss, and the final epoch with the run's cost."""
+    pct, acc = "{:.2f}%".format, []
     for s in summary:
-        acc.append(
-            f"| {s['variant']} | {s['change']} | {s['n']} | {s['acc_mean']:.2f}% | "
-            f"{ci(s['acc_ci'], '.2f')} | {cell(s['acc_sd'], '.2f')} | {s['acc_min']:.2f}% | "
-            f"{s['acc_max']:.2f}% | {s.get('compare_to') or NONE} | {cell(s.get('diff'), '+.2f')} | "
-            f"{ci(s.get('diff_ci'), '+.2f')} | "
-            f"{s['published']:.2f}% |"
-        )
-    loss = ["| variant | n | mean | sd | min | max |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for s in summary:
-        loss.append(
-            f"| {s['variant']} | {s['n']} | {s['loss_mean']:.4f} | {cell(s['loss_sd'], '.4f')} | "
-            f"{s['loss_min']:.4f} | {s['loss_max']:.4f} |"
-        )
-    final = [
-        "| variant | loss (published) | accuracy (published) | val_loss (published) "
-        "| val_accuracy (published) | best epoch | train time | params |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        spread = [pct(s["acc_mean"]), ci(s["acc_ci"], ".2f"), cell(s["acc_sd"], ".2f")]
+        paired = [s.get("compare_to") or NONE, cell(s.get("diff"), "+.2f"), ci(s.get("diff_ci"), "+.2f")]
+        acc.append([s["variant"], s["change"], s["n"], *spread, pct(s["acc_min"]), pct(s["acc_max"])])
+        acc[-1] += [*paired, pct(s["published"])]
+    loss = [
+        [s["variant"], s["n"], *(cell(s[f"loss_{k}"], ".4f") for k in ("mean", "sd", "min", "max"))]
+        for s in summary
     ]
+    refs, final = {exp["name"]: exp["reference"] for exp in variants}, []
     for variant, group in frame.groupby("variant", sort=False):
-        ref, m = refs[variant], group.mean(numeric_only=True)
-        epochs = sorted(set(group["best_epoch"]))
-        pairs = [with_published(m[key], ref.get(key), spec) for key, spec in FINAL]
+        m, epochs = group.mean(numeric_only=True), sorted(set(group["best_epoch"]))
+        # "ours (published)": a source may publish only the test accuracy
+        pairs = [f"{m[k]:{spec}} ({cell(refs[variant].get(k), spec)})" for k, spec in FINAL]
+        span = f"{epochs[0]}{f' to {epochs[-1]}' if len(epochs) > 1 else ''}"
         final.append(
-            f"| {variant} | {' | '.join(pairs)} | "
-            f"{epochs[0]}{f' to {epochs[-1]}' if len(epochs) > 1 else ''} | {m['train_seconds']:.1f} s | "
-            f"{int(group['params'].iloc[0]):,} |"
+            [variant, *pairs, span, f"{m['train_seconds']:.1f} s", f"{int(group['params'].iloc[0]):,}"]
         )
-    return "\n".join(acc), "\n".join(loss), "\n".join(final)
+    acc_header = ["variant", "change", "n", "mean", "95% CI", "sd (pp)", "min", "max", "compared with"]
+    acc_header += ["Δ (pp, paired)", "95% CI (pp)", "published"]
+    final_header = ["variant", *(f"{k} (published)" for k, _ in FINAL), "best epoch", "train time", "params"]
+    return (
+        markdown(acc_header, acc),
+        markdown(["variant", "n", "mean", "sd", "min", "max"], loss),
+        markdown(final_header, final),
+    )
 
 
 def baseline_spread(summary, frame):
@@ -171,43 +162,32 @@ def baseline_spread(summary, frame):
     )
 
 
-def epochs_note(runs, exp):
-    """Where the best epochs fell, for a variant that sets its own train.epochs: why it trains that long."""
-    epochs, best = exp["set"].get("train.epochs"), runs["best_epoch"]
-    if epochs is None:
-        return None
-    last = int((best == epochs).sum())
-    return (
-        f"It trains {epochs} epochs (train.epochs); its best epoch by validation loss was "
-        f"{best.min()} to {best.max()}, the last one in {last} of {len(best)} runs."
-    )
-
-
 def paragraph(s, exp, runs):
+    """The text on one variant: its verdict, where the published run falls, its cost, its epochs."""
     text = [f"**{s['variant']}** ({s['change']}):"]
     if "verdict" in s:
         text.append(f"against {s['compare_to']}, {s['verdict']}.")
     text.append(s["placement"])
     if s.get("params") is not None and s.get("other_params") is not None:
-        fewer = "fewer" if s["params"] < s["other_params"] else "not fewer"
         lo, hi = s["diff_ci"] or (None, None)
-        higher = (
-            f"{s['diff']:+.2f} points of accuracy on one seed (no interval)"
-            if lo is None
-            else "higher accuracy"
-            if lo > 0
-            else "lower accuracy"
-            if hi < 0
-            else "no accuracy difference detected"
-        )
-        ratio = s["params"] / s["other_params"]
+        if lo is None:
+            higher = f"{s['diff']:+.2f} points of accuracy on one seed (no interval)"
+        elif lo > 0 or hi < 0:
+            higher = f"{'higher' if lo > 0 else 'lower'} accuracy"
+        else:
+            higher = "no accuracy difference detected"
         text.append(
             f"It has {s['params']:,} parameters against {s['other_params']:,} for {s['compare_to']}"
-            f" ({ratio:.2f}x) and trains in {s['train_seconds']:.1f} s against {s['other_seconds']:.1f} s"
-            f" (mean per run): {fewer} parameters, {higher}."
+            f" ({s['params'] / s['other_params']:.2f}x) and trains in {s['train_seconds']:.1f} s against"
+            f" {s['other_seconds']:.1f} s (mean per run):"
+            f" {'fewer' if s['params'] < s['other_params'] else 'not fewer'} parameters, {higher}."
         )
-    if note := epochs_note(runs, exp):
-        text.append(note)
+    epochs, best = exp["set"].get("train.epochs"), runs["best_epoch"]
+    if epochs is not None:  # where the best epochs fell: why it trains that long
+        text.append(
+            f"It trains {epochs} epochs (train.epochs); its best epoch by validation loss was {best.min()}"
+            f" to {best.max()}, the last one in {int((best == epochs).sum())} of {len(best)} runs."
+        )
     if exp["reference"].get("source"):
         text.append(f"Published: {exp['reference']['source']}.")
     if abs(s["acc_mean"] - s["published"]) > 1 and exp.get("known_difference"):
@@ -215,9 +195,9 @@ def paragraph(s, exp, runs):
     return " ".join(text)
 
 
-def render(frame, study, missing, figures):
-    summary = summarize(frame, study)
-    acc, loss, final = tables(frame, summary, study)
+def render(frame, variants, missing, figures):
+    summary = summarize(frame, variants)
+    acc, loss, final = tables(frame, summary, variants)
     lines = [
         "# Ablations: each variant over seeds, against the baseline and the published run",
         "",
@@ -231,21 +211,17 @@ def render(frame, study, missing, figures):
         baseline_spread(summary, frame),
         "",
     ]
-    extra = extra_overrides(frame, study)
-    if extra:
-        lines += [
-            f"**Every run had extra overrides: {extra}.** These are not full-size numbers.",
-            "",
-        ]
+    if extra := extra_overrides(frame, variants):
+        lines += [f"**Every run had extra overrides: {extra}.** These are not full-size numbers.", ""]
     if missing:
         lines += [f"**Not run yet:** {', '.join(missing)} (`make ablations`).", ""]
     lines += ["## Test accuracy", "", acc, "", "## Test loss", "", loss, ""]
     lines += ["## Final epoch (mean over seeds) and cost", "", final, ""]
     lines += [f"![{alt}]({name})\n" for name, alt in figures.items()]
     lines += ["## Per variant", ""]
+    by_name = {exp["name"]: exp for exp in variants}
     for s in summary:
-        exp = next(e for e in study if e["name"] == s["variant"])
-        lines.append(paragraph(s, exp, frame[frame["variant"] == s["variant"]]) + "\n")
+        lines.append(paragraph(s, by_name[s["variant"]], frame[frame["variant"] == s["variant"]]) + "\n")
     return "\n".join(lines), summary
 
 
@@ -330,26 +306,24 @@ def curves_figure(frame, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_selection_args(p, "report")
+    study.add_selection_args(p, "report")
     p.add_argument("--out", default="reports", help="folder for the report, CSV and figures")
     p.add_argument("--from-csv", type=Path, help="recompute the report from this CSV (no curves figure)")
     args = p.parse_args(argv)
-    study, selected = selected_runs(args)
-    wanted = [name for name, _ in selected]
+    variants, selected = study.selected_runs(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.from_csv:
-        frame = collect(selected, committed_params())
-        if frame.empty:
-            fail("no finished run of the study; run `make ablations` first")
-        frame.to_csv(out / "ablations.csv", index=False)
-    frame = read_runs(args.from_csv or out / "ablations.csv")  # the report uses the CSV's numbers only
-    missing = [name for name in wanted if name not in set(frame["name"])]
     figures = {"ablations.png": "test accuracy per seed and paired differences from the baseline"}
     if not args.from_csv:
+        frame = collect(selected, study.committed_params())
+        if frame.empty:
+            study.fail("no finished run of the study; run `make ablations` first")
+        frame.to_csv(out / "ablations.csv", index=False)
         figures["ablations_curves.png"] = "validation loss and accuracy per epoch, mean over seeds with range"
         curves_figure(frame, out / "ablations_curves.png")
-    text, summary = render(frame, study, missing, figures)
+    frame = read_runs(args.from_csv or out / "ablations.csv")  # the report uses the CSV's numbers only
+    missing = [name for name, _ in selected if name not in set(frame["name"])]
+    text, summary = render(frame, variants, missing, figures)
     accuracy_figure(frame, summary, out / "ablations.png")
     (out / "ablations.md").write_text(text)
     print(f"report: {len(frame)} runs in {out / 'ablations.md'}, {out / 'ablations.csv'} and the figures")

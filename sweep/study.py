@@ -1,6 +1,10 @@
-"""What sweep/ablations.py and sweep/report.py share: the study file and DVC's view of the experiments."""
+"""The study as every command over it sees it: the study file, its runs and their names, overrides
+as DVC's -S takes them, DVC's view of the experiments, and the lock of the workspace's study."""
 
+import difflib
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +15,10 @@ STUDY = Path("ablations.yaml")
 BASELINE = "baseline"  # the variant the others are compared with, seed by seed, unless they say `compare_to`
 # What a published run may report (fractions and losses); test_accuracy is the one every variant needs.
 REFERENCE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "test_accuracy")
+TIMEOUT = 3600  # seconds one `dvc exp run` may take before it counts as stuck
+RUNS_FAILED = 3  # exit status when runs failed (1 is an `error:` line: nothing ran), so make still reports
+LOCK = Path(".dvc/tmp/study.lock")  # held while a study runs from this workspace (DVC ignores .dvc/tmp)
+ERRORS = ("ERROR: ", "fatal: ", "error: ")  # how git and DVC start the line that says what went wrong
 
 
 def fail(message):
@@ -18,13 +26,15 @@ def fail(message):
 
 
 def read_study(path):
-    """The study file: a mapping with a list under `experiments:`."""
+    """The study file: a mapping with a non-empty list under `experiments:`."""
     try:
         study = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         fail(f"{path}: cannot read it ({e})")
     if not isinstance(study, dict) or not isinstance(study.get("experiments"), list):
         fail(f"{path}: needs a list under `experiments:`")
+    if not study["experiments"]:
+        fail(f"{path}: the study is empty (`experiments: []`); add a variant, e.g. - name: baseline")
     return study
 
 
@@ -58,19 +68,18 @@ def load_study(path=STUDY):
     return entries
 
 
+def valid_seeds(seeds):
+    """Is `seeds` a non-empty list of distinct integers in [0, 2**32), as params.yaml's seed allows?"""
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
+        return False
+    return all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)
+
+
 def load_seeds(path=STUDY):
-    """The study's `seeds:` list: distinct integers in [0, 2**32), as params.yaml's seed allows."""
     seeds = read_study(path).get("seeds")
     if not valid_seeds(seeds):
         fail(f"{path}: `seeds:` must list distinct integers in [0, 2**32), e.g. seeds: [0, 1, 2, 3, 4]")
     return seeds
-
-
-def valid_seeds(seeds):
-    """Is `seeds` a non-empty list of distinct integers in [0, 2**32)?"""
-    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
-        return False
-    return all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)
 
 
 def parse_seeds(text):
@@ -81,11 +90,19 @@ def parse_seeds(text):
     return seeds
 
 
-def add_selection_args(parser, verb):
-    """--study, --seeds and --only, as every command over the study takes them."""
+def add_selection_args(parser, verb=None):
+    """--study, and with a `verb` --seeds and --only, as every command over the study takes them."""
     parser.add_argument("--study", default=str(STUDY), help="the study file (default %(default)s)")
-    parser.add_argument("--seeds", help=f"seeds to {verb} instead of the study's `seeds:`, e.g. '0 1' or 0,1")
-    parser.add_argument("--only", help=f"comma-separated variant names: {verb} only these")
+    if verb:
+        parser.add_argument("--seeds", help=f"seeds to {verb} instead of the study's `seeds:`, e.g. '0 1'")
+        parser.add_argument("--only", help=f"comma-separated variant names: {verb} only these")
+
+
+def add_run_args(parser):
+    """KEY=VALUE ..., --force and --timeout, as every command that runs experiments takes them."""
+    parser.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override for every run")
+    parser.add_argument("--force", action="store_true", help="re-run experiments that already exist")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds a run may take (%(default)s)")
 
 
 def selected_runs(args):
@@ -95,9 +112,20 @@ def selected_runs(args):
     return study, runs(study, seeds, args.only.split(",") if args.only else None)
 
 
+def run_name(variant, seed):
+    """The experiment of one variant at one seed: no-dropout-s3."""
+    return f"{variant}-s{seed}"
+
+
+def parse_run_name(name):
+    """(variant, seed) of a run_name(), or None."""
+    variant, sep, seed = name.rpartition("-s")
+    return (variant, int(seed)) if sep and variant and seed.isdigit() else None
+
+
 def runs(study, seeds, only=None):
-    """[(name, overrides)] for each variant (in study order) x seed: name f"{variant}-s{seed}",
-    overrides {**variant["set"], "seed": seed}; `only` an iterable of variant names."""
+    """[(run_name, overrides)] for each variant (in study order) x seed, overrides
+    {**variant["set"], "seed": seed}; `only` an iterable of variant names."""
     if only is not None:
         only = set(only)
         unknown = only - {exp["name"] for exp in study}
@@ -105,7 +133,7 @@ def runs(study, seeds, only=None):
             names = ", ".join(exp["name"] for exp in study)
             fail(f"unknown variant {', '.join(sorted(unknown))}; the study has {names}")
     return [
-        (f"{exp['name']}-s{seed}", {**exp["set"], "seed": seed})
+        (run_name(exp["name"], seed), {**exp["set"], "seed": seed})
         for exp in study
         if only is None or exp["name"] in only
         for seed in seeds
@@ -117,8 +145,41 @@ def format_value(value):
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def assignments(overrides):
+    """{"model.dropout": 0} -> ["model.dropout=0"]; parse_overrides() reads them back."""
+    return [f"{k}={format_value(v)}" for k, v in overrides.items()]
+
+
+def dvc_set_args(overrides):
+    """The `-S KEY=VALUE` arguments of `dvc exp run` for the overrides."""
+    return [arg for pair in assignments(overrides) for arg in ("-S", pair)]
+
+
 def describe(overrides):
-    return ", ".join(f"{k}={format_value(v)}" for k, v in overrides.items()) or "none"
+    return ", ".join(assignments(overrides)) or "none"
+
+
+def parse_overrides(items):
+    """Extra KEY=VALUE overrides for every run (make ablations SET=...), values as YAML."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"extra override {item!r} is not KEY=VALUE, e.g. train.epochs=1")
+        if key == "seed":
+            fail('seed is not an override: each run takes one of the seeds; use SEEDS="0 1" (--seeds 0 1)')
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def check_known(todo, base):
+    """Fail, before anything runs, on an override of [(name, overrides)] that is not in `base`."""
+    for name, overrides in todo:
+        for key in overrides:
+            if key not in base:
+                close = difflib.get_close_matches(key, base, n=1)
+                hint = f"; did you mean {close[0]}?" if close else " (check the study file and SET)"
+                fail(f"{name}: {key} is not in params.yaml{hint}")
 
 
 def flatten(tree, prefix=""):
@@ -132,28 +193,49 @@ def flatten(tree, prefix=""):
     return flat
 
 
-def dvc(*args, check=True):
-    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+def sh(*args, what=None, check=True, timeout=None, **kwargs):
+    """Run a command quietly; its stdout, or `error: <what>: <the line where git or DVC says why>`."""
+    what = what or " ".join(args)
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired:
+        fail(f"{what}: no answer in {timeout:.0f} s")
     if check and proc.returncode != 0:
-        fail(f"dvc {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
+        lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()
+        line = next((x for x in lines if x.startswith(ERRORS)), lines[-1])
+        fail(f"{what}: {line.split(': ', 1)[-1] if line.startswith(ERRORS) else line}")
+    return proc.stdout.strip()
 
 
 def committed_params():
-    proc = subprocess.run(["git", "show", "HEAD:params.yaml"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        fail("no committed params.yaml at HEAD: the study runs from the committed baseline")
-    return flatten(yaml.safe_load(proc.stdout))
+    what = "no committed params.yaml at HEAD (the study runs from the committed baseline)"
+    return flatten(yaml.safe_load(sh("git", "show", "HEAD:params.yaml", what=what)))
 
 
-def experiments():
-    """Experiments of HEAD as DVC lists them (`dvc exp show --json`), by name.
+def checked_runs(args):
+    """(runs(), SET's overrides, the committed params) for the arguments of add_selection_args and
+    add_run_args, after checking every override against params.yaml: nothing runs with a typo."""
+    _, wanted = selected_runs(args)
+    extra, base = parse_overrides(args.set), committed_params()
+    check_known([(name, {**own, **extra}) for name, own in wanted], base)
+    return wanted, extra, base
+
+
+def check_committed(why, *paths):
+    """Fail if params.yaml, dvc.yaml, stages/ or `paths` have uncommitted changes, saying `why` it matters."""
+    dirty = sh("git", "status", "--porcelain", "--", "params.yaml", "dvc.yaml", "stages", *paths)
+    if dirty:
+        fail(f"uncommitted changes {why}:\n{dirty}")
+
+
+def experiments(cwd=None, env=None):
+    """Experiments of HEAD as DVC lists them (`dvc exp show --json`), by name; in `cwd` with `env`.
 
     Each: rev (commit), state (success, failed, queued, running), params (flat) and metrics
     ({file: data}). A name that is both done and queued or failed keeps its finished run.
     """
     found = {}
-    for baseline in json.loads(dvc("exp", "show", "--json", "--hide-workspace").stdout):
+    for baseline in json.loads(sh("dvc", "exp", "show", "--json", "--hide-workspace", cwd=cwd, env=env)):
         for exp in baseline.get("experiments") or []:
             rev = exp["revs"][0]
             name, data = rev.get("name") or exp.get("name"), rev.get("data") or {}
@@ -167,3 +249,23 @@ def experiments():
                 "metrics": {f: m.get("data") or {} for f, m in (data.get("metrics") or {}).items()},
             }
     return found
+
+
+def lock_workspace():
+    """The study's lock, held while the returned file stays open; fails naming the study that holds it.
+    flock: the kernel drops a dead process's lock, so a lock file left by one is simply taken over."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    held = LOCK.open("a+")
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.seek(0)
+        owner = json.loads(held.read() or "{}")
+        fail(
+            f"a study is already running in this workspace (pid {owner.get('pid')}: {owner.get('command')});"
+            " wait for it to end, or stop it with Ctrl-C there"
+        )
+    held.truncate(0)
+    held.write(json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)}) + "\n")
+    held.flush()
+    return held

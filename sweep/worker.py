@@ -20,57 +20,38 @@ from pathlib import Path
 
 import yaml
 
-from sweep.ablations import parse_overrides
-from sweep.study import STUDY, describe, fail, flatten, format_value, load_study, runs
+from sweep import study
+from sweep.study import fail, sh
 
 CHECK_TIMEOUT = 60  # seconds a remote may take to answer before it counts as unreachable
-ERRORS = ("ERROR: ", "fatal: ", "error: ")  # how git and DVC start the line that says what went wrong
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("name", help="<variant>-s<seed>, e.g. baseline-s0")
-    p.add_argument("set", nargs="*", metavar="KEY=VALUE", help="extra override (make ablations SET=...)")
+    study.add_run_args(p)
+    study.add_selection_args(p)
     p.add_argument("--rev", help="the study's commit (default: HEAD of the repository here)")
     p.add_argument("--git-remote", help="URL to clone and push to (default: origin of the repository here)")
     p.add_argument("--dvc-remote", help="DVC remote URL (default: the default one here, else the commit's)")
-    p.add_argument("--study", default=str(STUDY), help="the study file in the repository (%(default)s)")
-    p.add_argument("--force", action="store_true", help="run again even if it is on the remote")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds `dvc exp run` may take (%(default)s)")
     p.add_argument("--result", help="write {name, status, seconds of each step, error} here as JSON")
     return p.parse_intermixed_args(argv)
 
 
-def sh(args, what, timeout=None):
-    """Run a command quietly; its stdout, or `error: <what>: <the line where git or DVC says why>`."""
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        fail(f"{what}: no answer in {timeout:.0f} s")
-    if proc.returncode != 0:
-        lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()
-        line = next((x for x in lines if x.startswith(ERRORS)), lines[-1])
-        fail(f"{what}: {line.split(': ', 1)[-1] if line.startswith(ERRORS) else line}")
-    return proc.stdout.strip()
-
-
 def wanted_run(name, study_file, extra):
     """(overrides, full flat params) of NAME, from the clone's study file and params.yaml."""
-    variant, _, seed = name.rpartition("-s")
-    study = load_study(study_file)
-    if not seed.isdigit() or variant not in {e["name"] for e in study}:
+    variants, run = study.load_study(study_file), study.parse_run_name(name)
+    if run is None or run[0] not in {e["name"] for e in variants}:
         fail(f"{name}: not <variant>-s<seed> with a variant of {study_file}")
-    [(_, overrides)] = runs(study, [int(seed)], only=[variant])
+    [(_, overrides)] = study.runs(variants, [run[1]], only=[run[0]])
     overrides.update(extra)
-    base = flatten(yaml.safe_load(Path("params.yaml").read_text()))
-    unknown = [k for k in overrides if k not in base]
-    if unknown:
-        fail(f"{name}: {', '.join(unknown)} not in params.yaml")
+    base = study.committed_params()
+    study.check_known([(name, overrides)], base)
     return overrides, {**base, **overrides}
 
 
 def dvc_config(key):
-    return subprocess.run(["dvc", "config", key], capture_output=True, text=True).stdout.strip()
+    return sh("dvc", "config", key, check=False)
 
 
 def dvc_remote_url():
@@ -83,41 +64,41 @@ def dvc_remote_url():
 def check_dvc_remote(url=None):
     """The default DVC remote here, after checking that it answers; fails in one line."""
     if url:  # into the clone's config.local: git-ignored, never committed
-        sh(["dvc", "remote", "add", "--local", "--force", "--default", "study", url], "dvc remote add")
+        sh("dvc", "remote", "add", "--local", "--force", "--default", "study", url)
     remote = dvc_config("core.remote")
     if not remote:
         fail("no DVC remote: `dvc remote add -d NAME URL` (add --local to keep it out of git)")
     # Its top level, with its config and credentials: a missing path, bucket or host fails, and so
     # does a shared path not mounted on this node (which DVC would otherwise create here).
-    sh(["dvc", "ls-url", f"remote://{remote}/"], f"DVC remote {remote} unreachable", timeout=CHECK_TIMEOUT)
+    sh("dvc", "ls-url", f"remote://{remote}/", what=f"DVC remote {remote} unreachable", timeout=CHECK_TIMEOUT)
     return remote
 
 
 def published(ref, wanted):
     """(commit, same params) of the experiment on origin, or (None, False)."""
-    listing = sh(["git", "ls-remote", "origin", ref], "git ls-remote origin", timeout=CHECK_TIMEOUT).split()
+    listing = sh("git", "ls-remote", "origin", ref, timeout=CHECK_TIMEOUT).split()
     if not listing:
         return None, False
-    sh(["git", "fetch", "-q", "origin", ref], f"git fetch {ref}", timeout=CHECK_TIMEOUT)
-    params = flatten(yaml.safe_load(sh(["git", "show", f"{listing[0]}:params.yaml"], "git show params.yaml")))
+    sh("git", "fetch", "-q", "origin", ref, timeout=CHECK_TIMEOUT)
+    params = study.flatten(yaml.safe_load(sh("git", "show", f"{listing[0]}:params.yaml")))
     return listing[0], params == wanted
 
 
 def publish(args, seconds):
     """Everything after the argument checks; returns "done" or "skipped"."""
-    url = args.git_remote or sh(["git", "remote", "get-url", "origin"], "no origin here: pass --git-remote")
-    rev = args.rev or sh(["git", "rev-parse", "HEAD"], "not in a git repository: pass --rev")
+    url = args.git_remote or sh("git", "remote", "get-url", "origin", what="no origin: pass --git-remote")
+    rev = args.rev or sh("git", "rev-parse", "HEAD", what="not in a git repository: pass --rev")
     dvc_url = args.dvc_remote or dvc_remote_url()
-    extra = parse_overrides(args.set)
-    sh(["git", "ls-remote", "--heads", url], f"git remote {url} unreachable", timeout=CHECK_TIMEOUT)
+    extra = study.parse_overrides(args.set)
+    sh("git", "ls-remote", "--heads", url, what=f"git remote {url} unreachable", timeout=CHECK_TIMEOUT)
     with tempfile.TemporaryDirectory(prefix=f"worker-{args.name}-") as tmp:
         start = time.monotonic()
-        sh(["git", "clone", "-q", "--no-checkout", url, tmp], f"git clone {url}", timeout=CHECK_TIMEOUT * 5)
+        sh("git", "clone", "-q", "--no-checkout", url, tmp, timeout=CHECK_TIMEOUT * 5)
         os.chdir(tmp)
         if subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], capture_output=True).returncode:
             fail(f"commit {rev} is not on {url}: push it first")
-        sh(["git", "checkout", "-q", "--detach", rev], f"git checkout {rev}")
-        rev = sh(["git", "rev-parse", "HEAD"], "git rev-parse")
+        sh("git", "checkout", "-q", "--detach", rev)
+        rev = sh("git", "rev-parse", "HEAD")
         seconds["clone"] = time.monotonic() - start
         start = time.monotonic()
         remote = check_dvc_remote(dvc_url)
@@ -128,12 +109,12 @@ def publish(args, seconds):
         if same and not args.force:
             print(f"skip {args.name}: on {url} with the same params ({commit[:7]})", flush=True)
             return "skipped"
-        print(f"{'replace' if commit else 'run'} {args.name}: {describe(overrides)}", flush=True)
+        print(f"{'replace' if commit else 'run'} {args.name}: {study.describe(overrides)}", flush=True)
         start = time.monotonic()
-        sets = [a for k, v in overrides.items() for a in ("-S", f"{k}={format_value(v)}")]
         # --pull: a stage in the remote's run cache (download; preprocess for the same seed and
         # preprocess params) is restored with its data; whatever is missing just runs.
-        proc = subprocess.Popen(["dvc", "exp", "run", "--pull", "-n", args.name, *sets], process_group=0)
+        cmd = ["dvc", "exp", "run", "--pull", "-n", args.name, *study.dvc_set_args(overrides)]
+        proc = subprocess.Popen(cmd, process_group=0)
         try:
             code = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -144,9 +125,9 @@ def publish(args, seconds):
             fail(f"{args.name}: dvc exp run exited {code}")
         seconds["run"] = time.monotonic() - start
         start = time.monotonic()
-        sh(["dvc", "push", "--run-cache", "-r", remote], f"dvc push to {remote}")
+        sh("dvc", "push", "--run-cache", "-r", remote)
         force = ["--force"] if commit else []  # over the run with other params, or --force's
-        sh(["dvc", "exp", "push", "--no-cache", *force, "origin", args.name], f"dvc exp push {args.name}")
+        sh("dvc", "exp", "push", "--no-cache", *force, "origin", args.name)
         seconds["push"] = time.monotonic() - start
         print(f"done {args.name}: published to {url} and DVC remote {remote}", flush=True)
         return "done"

@@ -1,78 +1,70 @@
-"""The ablation sweep and its report: a two-variant, two-seed study through `make ablations` and
-`make report`, and parallel runs on a TensorFlow-free stage. (tests/test_readme.py runs the README's
-commands.)"""
+"""The study and its report: one two-variant, two-seed study of the real pipeline through `make ablations`
+and `make report`, checked against DVC; then a TensorFlow-free toy stage for what the runner itself
+does: parallel runs, skip and replace, Ctrl-C, a second study at once, bad study files.
+(tests/test_readme.py runs the README's commands.)"""
 
+import json
 import math
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, git_init, run
+from conftest import ROOT, copy_project, git_init, run
 
-from sweep.study import experiments
+from sweep import study
 
 VARIANTS = ("baseline", "no-dropout")
+NAMES = {study.run_name(v, s) for v in VARIANTS for s in (0, 1)}
 # JOBS=1: the runs' output comes to the terminal, where the test reads DVC's lines.
 SMOKE = ("ablations", "JOBS=1", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1")
 T1 = 12.706204736174704  # Student's t, 97.5% quantile, 1 degree of freedom (printed tables: 12.706)
-
-
-@pytest.fixture(autouse=True)
-def venv_on_path(monkeypatch):
-    """study.experiments() runs `dvc` in this process: the venv's, as `run` does for commands."""
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
 def found(project):
     """{name: DVC's view} of the successful experiments, through the one parser of study.py."""
-    old = os.getcwd()
-    os.chdir(project)
-    try:
-        return {k: v for k, v in experiments().items() if v["state"] == "success"}
-    finally:
-        os.chdir(old)
+    return {k: v for k, v in study.experiments(cwd=project, env=ENV).items() if v["state"] == "success"}
 
 
-def make(project, *args, env, check=True):
+def make(project, *args, env=None, check=True):
     """`make` in the project with this checkout's .venv (never a new one); output as one string."""
     cmd = ["make", "--no-print-directory", *args, f"VENV={ROOT / '.venv'}"]
     proc = run(cmd, project, check=check, env=env)
     return proc.stdout + proc.stderr
 
 
-def two_variant_study(project):
-    study = yaml.safe_load((ROOT / "ablations.yaml").read_text())
-    study["experiments"] = [e for e in study["experiments"] if e["name"] in VARIANTS]
-    (project / "ablations.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
-
-
-@pytest.fixture
-def study_project(project):
-    """The project copy (small config) with sweep/, the Makefile and a two-variant ablations.yaml."""
+def with_make_and_study(project, variants=VARIANTS):
+    """Add sweep/, the Makefile and a study of `variants` (ablations.yaml's own entries) to a project."""
     shutil.copytree(ROOT / "sweep", project / "sweep", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("Makefile", "requirements.txt"):
-        shutil.copy2(ROOT / name, project / name)  # copy2: the .venv stays newer than requirements.txt
-    two_variant_study(project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "study"], project)
-    return project
+        shutil.copy2(ROOT / name, project / name)
+    installed = (ROOT / ".venv/.installed").stat().st_mtime  # older than the venv: make keeps it
+    os.utime(project / "requirements.txt", (installed - 60, installed - 60))
+    spec = yaml.safe_load((ROOT / "ablations.yaml").read_text())
+    spec["experiments"] = [e for e in spec["experiments"] if e["name"] in variants]
+    (project / "ablations.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def test_make_ablations_and_report_match_dvc(study_project, synthetic_env):
-    project = study_project
+def test_make_ablations_and_report_match_dvc(tmp_path, synthetic_env):
+    project = copy_project(tmp_path / "project", git=False)
+    with_make_and_study(project)
+    git_init(project)
     params_before = (project / "params.yaml").read_text()
     out = make(project, *SMOKE, env=synthetic_env)
-    assert "ablations: 4 run, 0 skipped, 0 failed" in out
+    assert "study: 4 run, 0 skipped, 0 failed" in out
     assert "Stage 'preprocess' is cached - skipping run" in out  # each seed's split is made once
     assert (project / "params.yaml").read_text() == params_before  # runs never touch the workspace
 
     dvc = found(project)
-    assert set(dvc) == {f"{v}-s{s}" for v in VARIANTS for s in (0, 1)}
+    assert set(dvc) == NAMES
     for name, exp in dvc.items():
         assert exp["params"]["seed"] == int(name[-1])
         assert exp["params"]["model.dropout"] == (0 if name.startswith("no-dropout") else 0.2)
@@ -114,20 +106,24 @@ def test_make_ablations_and_report_match_dvc(study_project, synthetic_env):
     for name in ("ablations.png", "ablations_curves.png"):
         assert (project / "reports" / name).stat().st_size > 10_000
 
-    # Re-running skips what exists; `make report` alone gives the same report.
-    again = make(project, *SMOKE, env=synthetic_env)
-    assert "ablations: 0 run, 4 skipped, 0 failed" in again
+    # `make report` alone gives the same report from DVC's experiments.
     make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", env=synthetic_env)
     assert (project / "reports/ablations.md").read_text() == report
 
 
 STAGE = """\
-import json, os, sys, time
+import json, os, signal, sys, time
+from pathlib import Path
 import yaml
 p = yaml.safe_load(open("params.yaml"))
 if p["train"]["epochs"] < 1:
     sys.exit("error: params.yaml: train.epochs must be a positive integer, got 0")
 start = time.time()
+if os.environ.get("HANG_SEED") == str(p["seed"]):  # until stopped; no-dropout's ignores Ctrl-C
+    if p["model"]["dropout"] == 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Path(os.environ["MARKS"], str(p["model"]["dropout"])).touch()
+    time.sleep(600)
 time.sleep(3)
 record = {"start": start, "end": time.time(), "threads": os.environ.get("TRAIN_THREADS")}
 json.dump(record, open("m.json", "w"))
@@ -135,16 +131,17 @@ json.dump(record, open("m.json", "w"))
 
 
 @pytest.fixture
-def toy_project(tmp_path):
-    """A DVC project whose one stage sleeps and records when it ran: the sweep without TensorFlow."""
+def toy(tmp_path):
+    """A DVC project whose one stage sleeps and records when it ran: the study without TensorFlow."""
     project = tmp_path / "toy"
-    shutil.copytree(ROOT / "sweep", project / "sweep", ignore=shutil.ignore_patterns("__pycache__"))
-    two_variant_study(project)
+    project.mkdir()
+    with_make_and_study(project)
     (project / "stage.py").write_text(STAGE)
     (project / "params.yaml").write_text("seed: 0\nmodel:\n  dropout: 0.2\ntrain:\n  epochs: 1\n")
     stage = {"cmd": "python stage.py", "deps": ["stage.py"], "params": ["seed", "model", "train"]}
     stage["metrics"] = [{"m.json": {"cache": False}}]
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"work": stage}}))
+    (project / ".gitignore").write_text("__pycache__/\n")
     git_init(project)
     run(["dvc", "init", "-q"], project)
     run(["git", "add", "-A"], project)
@@ -152,18 +149,18 @@ def toy_project(tmp_path):
     return project
 
 
-def sweep(project, *args, check=True):
-    proc = run([sys.executable, "-m", "sweep.ablations", *args], project, check=check)
-    assert check or proc.returncode == 1
+def local(project, *args, code=0):
+    """`python -m sweep.local ARGS` in the project; its output, after checking its exit status."""
+    proc = run([sys.executable, "-m", "sweep.local", *args], project, check=False)
+    assert proc.returncode == code, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
 
-def test_parallel_runs_skip_and_replace(toy_project):
-    project = toy_project
-    out = sweep(project, "--seeds", "0,1", "--jobs", "2")
-    assert "ablations: 4 run, 0 skipped, 0 failed" in out
-    dvc = found(project)
-    assert sorted(dvc) == sorted(f"{v}-s{s}" for v in VARIANTS for s in (0, 1))
+def test_parallel_runs_skip_and_replace(toy):
+    out = local(toy, "--seeds", "0,1", "--jobs", "2")
+    assert "study: 4 run, 0 skipped, 0 failed" in out
+    dvc = found(toy)
+    assert set(dvc) == NAMES
     times = {name: exp["metrics"]["m.json"] for name, exp in dvc.items()}
     # Two at a time: the first two overlap, and no moment has more than two running.
     first, second = times["baseline-s0"], times["baseline-s1"]
@@ -173,23 +170,115 @@ def test_parallel_runs_skip_and_replace(toy_project):
     assert {t["threads"] for t in times.values()} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
     assert {name: exp["params"]["seed"] for name, exp in dvc.items()} == {n: int(n[-1]) for n in dvc}
 
-    again = sweep(project, "--seeds", "0 1", "--jobs", "2")
-    assert "ablations: 0 run, 4 skipped, 0 failed" in again and "skip no-dropout-s1" in again
-    replaced = sweep(project, "--only", "no-dropout", "--seeds", "1", "--jobs", "1", "train.epochs=2")
+    again = local(toy, "--seeds", "0 1", "--jobs", "2")
+    assert "study: 0 run, 4 skipped, 0 failed" in again and "skip no-dropout-s1" in again
+    replaced = local(toy, "--only", "no-dropout", "--seeds", "1", "--jobs", "1", "train.epochs=2")
     assert "replace no-dropout-s1" in replaced and "train.epochs 1 -> 2" in replaced
-    assert sorted(found(project)) == sorted(dvc)  # renamed back, not a second experiment
-    assert found(project)["no-dropout-s1"]["params"]["train.epochs"] == 2
-    assert "threads" not in found(project)["no-dropout-s1"]["metrics"]["m.json"]  # --jobs 1: unset (null)
+    assert set(found(toy)) == NAMES  # renamed back, not a second experiment
+    assert found(toy)["no-dropout-s1"]["params"]["train.epochs"] == 2
+    assert "threads" not in found(toy)["no-dropout-s1"]["metrics"]["m.json"]  # --jobs 1: unset (null)
     # A replacement that fails keeps the previous run under its name, and says why it failed.
-    failed = sweep(
-        project, "--only", "no-dropout", "--seeds", "1", "--jobs", "2", "train.epochs=0", check=False
-    )
+    failed = local(toy, "--only", "no-dropout", "--seeds", "1", "--jobs", "2", "train.epochs=0", code=3)
     assert "train.epochs must be a positive integer, got 0" in failed
-    assert "no-dropout-s1: the new run failed; the previous one" in failed
-    assert sorted(found(project)) == sorted(dvc)
-    assert found(project)["no-dropout-s1"]["params"]["train.epochs"] == 2
+    assert "no-dropout-s1: no new run; the previous one" in failed
+    assert set(found(toy)) == NAMES
+    assert found(toy)["no-dropout-s1"]["params"]["train.epochs"] == 2
 
-    bad = sweep(project, "--only", "baseline,sdg", check=False)
+    bad = local(toy, "--only", "baseline,sdg", code=1)
     assert bad.strip() == "error: unknown variant sdg; the study has baseline, no-dropout"
-    bad = sweep(project, "seed=3", check=False)
-    assert bad.startswith("error: seed is not an override")
+    assert local(toy, "seed=3", code=1).startswith("error: seed is not an override")
+
+
+def exp_show(project):
+    """[(name, state)] of every experiment as `dvc exp show --json` lists it, duplicates included."""
+    show = json.loads(run(["dvc", "exp", "show", "--json", "--hide-workspace"], project).stdout)
+    return sorted(
+        (exp["name"], (exp.get("executor") or {}).get("state") or "done")
+        for baseline in show
+        for exp in baseline.get("experiments") or []
+    )
+
+
+def processes_in(directory):
+    """Pids of the processes whose working directory is in `directory`."""
+    pids = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if str(cwd.readlink()).startswith(str(directory)):
+                pids.append(int(cwd.parent.name))
+        except OSError:  # ended meanwhile, or not ours
+            continue
+    return pids
+
+
+def test_ctrl_c_and_a_second_study(toy, tmp_path):
+    """Seed 1 trains until stopped (no-dropout's ignoring Ctrl-C): while both of its runs train, a
+    second study is refused; Ctrl-C then stops them, leaving nothing behind, and a rerun does the rest."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {**ENV, "HANG_SEED": "1", "MARKS": str(marks)}
+    log = tmp_path / "make.log"
+    cmd = ["make", "--no-print-directory", "ablations", "JOBS=2", "SEEDS=0 1", f"VENV={ROOT / '.venv'}"]
+    with open(log, "w") as out:  # a shell of its own, Ctrl-C as a terminal sends it (to every process)
+        first = subprocess.Popen(
+            cmd, cwd=toy, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(marks.iterdir())) < 2:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+
+        second = local(toy, "--seeds", "0 1", code=1)
+        owner = json.loads((toy / ".dvc/tmp/study.lock").read_text())
+        assert second == f"error: a study is already running in this workspace (pid {owner['pid']}: " + (
+            f"{owner['command']}); wait for it to end, or stop it with Ctrl-C there\n"
+        )
+        assert "sweep/local.py --jobs 2 --seeds 0 1" in owner["command"]
+
+        os.killpg(first.pid, signal.SIGINT)
+        code = first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert code != 0 and "Traceback" not in out and "make ablations` first" not in out, out
+    stopped = [line for line in out.splitlines() if line.startswith("interrupted:")]
+    assert stopped == [
+        "interrupted: stopped baseline-s1, no-dropout-s1; 2 finished and kept;"
+        " run the study again for the rest"
+    ], out
+    assert exp_show(toy) == [("baseline-s0", "done"), ("no-dropout-s0", "done")]
+    assert not list((toy / ".dvc/tmp/exps/standalone").glob("tmp*"))  # DVC's workspace copies
+    assert processes_in(toy) == []  # no-dropout-s1's stage too
+
+    # The lock file still names the stopped study's pid: taken over, since no process holds it.
+    assert json.loads((toy / ".dvc/tmp/study.lock").read_text())["pid"] == owner["pid"]
+    again = local(toy, "--seeds", "0 1")
+    assert "study: 2 run, 2 skipped, 0 failed" in again
+    assert exp_show(toy) == [(name, "done") for name in sorted(NAMES)]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"set": {"model.dropuot": 0}},
+            "error: no-dropout-s0: model.dropuot is not in params.yaml; did you mean model.dropout?",
+        ),
+        ({"experiments": []}, "error: ablations.yaml: the study is empty (`experiments: []`); add a variant"),
+    ],
+)
+def test_a_bad_study_file_ends_in_one_line(toy, change, message):
+    """Through make: the report that make writes after failed runs does not add a line of its own."""
+    spec = yaml.safe_load((toy / "ablations.yaml").read_text())
+    if "set" in change:
+        spec["experiments"][1]["set"] = change["set"]
+    else:
+        spec.update(change)
+    (toy / "ablations.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = make(toy, "ablations", env=ENV, check=False)
+    errors = [line for line in out.splitlines() if "error" in line.lower() and not line.startswith("make")]
+    assert len(errors) == 1 and errors[0].startswith(message), out
+    assert exp_show(toy) == []

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,9 +127,7 @@ def study(tmp_path_factory):
     """A project with a 2-variant x 2-seed study, pushed to a bare git remote; a DVC remote directory."""
     tmp = tmp_path_factory.mktemp("study")
     project = copy_project(tmp / "project", git=False)
-    (project / "sweep").mkdir()
-    for script in ("study.py", "ablations.py", "worker.py", "cluster.py"):
-        (project / "sweep" / script).write_text((ROOT / "sweep" / script).read_text())
+    shutil.copytree(ROOT / "sweep", project / "sweep", ignore=shutil.ignore_patterns("__pycache__"))
     spec = yaml.safe_load((ROOT / "ablations.yaml").read_text())
     spec["experiments"] = [e for e in spec["experiments"] if e["name"] in VARIANTS]
     spec["seeds"] = list(SEEDS)
@@ -206,6 +205,18 @@ def test_unreachable_or_missing_remote_fails_in_one_line_before_training(study, 
     assert remote_refs(study["origin"]) == before and stored_objects(study["store"]) == set()
 
 
+def test_a_run_no_node_can_take_fails_at_once(cluster, study):
+    """Each node offers 2 CPUs: a run that asks for 3 would stay queued for as long as one waits."""
+    env = {**os.environ, **ENV, "RAY_ADDRESS": cluster["address"]}
+    cmd = [sys.executable, "-m", "sweep.cluster", "train.epochs=1", "--cpus", "3"]
+    proc = run(cmd, study["project"], check=False, env=env, timeout=120)
+    assert (proc.returncode, proc.stdout) == (1, ""), proc.stderr
+    assert proc.stderr == (
+        f"error: a run asks for 3 CPUs (CPUS=3) but the nodes of {cluster['address']} offer 2 each; "
+        "make ablations CPUS=2, or start nodes with --num-cpus=3\n"
+    )
+
+
 def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(
     cluster, study, synthetic_env, monkeypatch
 ):
@@ -221,7 +232,7 @@ def test_study_survives_a_node_death_and_is_collected_in_a_third_clone(
             def training():
                 assert proc.poll() is None, log.read_text()  # the study ended before any training there
                 cmds = [cmdline(pid) for pid in session(cluster["sids"]["second"])]
-                names = [cmd[2] for cmd in cmds if cmd[1:2] == ["worker.py"]]
+                names = [cmd[3] for cmd in cmds if cmd[1:3] == ["-m", "sweep.worker"]]
                 return names if any("stages.train" in " ".join(cmd) for cmd in cmds) else None
 
             victims = wait_for("a run training on the second node", training, 600, every=0.2)

@@ -257,7 +257,7 @@ def test_study_seeds_are_checked(tmp_path, seeds, message):
     study = yaml.safe_load((ROOT / "ablations.yaml").read_text())
     study.pop("seeds")
     (tmp_path / "a.yaml").write_text(seeds + yaml.safe_dump(study))
-    cmd = [sys.executable, "-m", "sweep.ablations", "--study", "a.yaml"]
+    cmd = [sys.executable, "-m", "sweep.local", "--study", "a.yaml"]
     proc = subprocess.run(
         cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )

@@ -1,0 +1,206 @@
+"""Run the study of ablations.yaml here, as named DVC experiments: `python -m sweep.local [k=v ...]`.
+
+Each variant runs once per seed, as the experiment `<variant>-s<seed>`: `dvc exp run --temp -n <name>
+-S <its overrides> -S seed=<seed> -S <extra k=v>` from the committed params.yaml, --jobs at a time in
+this script's own pool (DVC's queue is unreliable with several workers: iterative/dvc #10673, #8417).
+The workspace is never modified, and download and preprocess are restored from DVC's run cache.
+An experiment that exists with the same params is skipped, one with other params replaced (--force
+replaces all): it is kept as <name>-replaced until its new run succeeds, and restored otherwise.
+Ctrl-C stops the runs in flight the way DVC cleans up after (no temporary workspace left, nothing
+listed as running) and says which; running the study again does the rest. One study at a time per
+workspace. Exit status: 1 for an `error:` line (nothing ran), 3 when runs failed (each is named).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sweep import study
+
+REPLACED_SUFFIX = "-replaced"  # of an experiment being replaced, until its new run succeeds
+LOGS = Path(".dvc/tmp/study")  # one log per run when several run at once (git-ignored by DVC)
+EXPS = Path(".dvc/tmp/exps")  # DVC's temporary workspaces and the files that say they are running
+GRACE = 10  # seconds a stopped run has to clean up before it is killed
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    study.add_selection_args(p, "run")
+    study.add_run_args(p)
+    # Two runs at once, one thread each, finished the nine-variant study sooner than one after another
+    # with two threads on a 2-core machine (benchmarks/results.md).
+    jobs = min(2, len(os.sched_getaffinity(0)))
+    p.add_argument("--jobs", type=int, default=jobs, help=f"runs at once, each with cores/N threads ({jobs})")
+    return p.parse_args(argv)
+
+
+def plan(todo, extra, base, force):
+    """The (name, overrides) of `todo` to run, after printing what happens to each and why."""
+    existing = study.experiments()
+    planned = []
+    for name, own in todo:
+        overrides = {**own, **extra}
+        clash = {k: v for k, v in extra.items() if k in own and own[k] != v}
+        if clash:
+            print(f"warning: {name}: extra {study.describe(clash)} overrides the variant's own setting")
+        wanted = {**base, **overrides}
+        old = existing.get(name)
+        if old and old["state"] == "success":
+            diff = {k: (old["params"].get(k), v) for k, v in wanted.items() if old["params"].get(k) != v}
+            if not diff and not force:
+                print(f"skip {name}: it exists with the same params ({old['rev'][:7]}; --force re-runs it)")
+                continue
+            why = "--force" if not diff else ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+            backup = f"{name}{REPLACED_SUFFIX}"
+            study.sh("dvc", "exp", "remove", backup, check=False)  # left by a study that was killed
+            study.sh("dvc", "exp", "rename", name, backup)
+            print(f"replace {name}: {old['rev'][:7]} kept as {backup} until the new run succeeds ({why})")
+        elif old:
+            print(f"run {name}: its previous run is {old['state']}; it is cleared first")
+            study.sh("dvc", "exp", "remove", name, check=False)
+        else:
+            print(f"run {name}: {study.describe(overrides)}")
+        planned.append((name, overrides))
+    return planned
+
+
+def data_paths():
+    """The datasets' mirror and checksum variables with relative paths made absolute: a --temp run
+    works in a copy under .dvc/tmp, where `../shared/mnist` would name nothing."""
+    names = [f"{p}_{v}" for p in ("MNIST", "FASHION_MNIST") for v in ("MIRROR", "SHA256SUMS")]
+    given = {k: os.environ[k] for k in names if os.environ.get(k, "").strip()}
+    return {k: str(Path(v).resolve()) for k, v in given.items() if "://" not in v and Path(v).exists()}
+
+
+def start(name, overrides, jobs):
+    """Start one `dvc exp run --temp` in its own process group; with jobs > 1 its output goes to a log."""
+    cmd = ["dvc", "exp", "run", "--temp", "-n", name, *study.dvc_set_args(overrides)]
+    env = {**os.environ, **data_paths()}
+    if jobs == 1:
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
+    # Runs share the cores: each trains with its share of threads rather than all of them.
+    env["TRAIN_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with open(LOGS / f"{name}.log", "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def last_lines(name, jobs):
+    """The end of a run's log, to say why it failed (with jobs == 1 it is already on the terminal)."""
+    path = LOGS / f"{name}.log"
+    if jobs == 1 or not path.exists():
+        return ""
+    lines = list(
+        dict.fromkeys(line for line in path.read_text(errors="replace").splitlines() if line.strip())
+    )
+    return "; " + " / ".join(lines[-2:]) + f" (log: {path})"  # DVC repeats its last line
+
+
+def discard(name):
+    """What a killed `dvc exp run --temp` leaves: its workspace copy, which DVC lists as running."""
+    for info in (*EXPS.glob("run/*/*.run"), *EXPS.glob("*/run/*/*.run")):
+        found = json.loads(info.read_text())
+        if found.get("name") == name:
+            shutil.rmtree(found["root_dir"], ignore_errors=True)
+            shutil.rmtree(info.parent, ignore_errors=True)
+
+
+def stop(procs):
+    """Stop {name: dvc process} as Ctrl-C does, so that DVC removes their workspace copies; one still
+    running after GRACE seconds is killed, and what DVC leaves of it removed here."""
+    for proc in procs.values():
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.killpg(proc.pid, signal.SIGINT)  # dvc and the stage it runs, not this script
+    deadline = time.monotonic() + GRACE
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            discard(name)
+
+
+def run_all(todo, jobs, timeout, done, problems):
+    """Run `todo`, `jobs` at a time, in order, adding each name to `done` or {name: why} to `problems`.
+    On Ctrl-C the runs in flight are stopped (problem "stopped") and KeyboardInterrupt raised again."""
+    pending, running = list(todo), {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, overrides = pending.pop(0)
+                print(f"\n=== [{len(todo) - len(pending)}/{len(todo)}] {name}", flush=True)
+                running[name] = (start(name, overrides, jobs), time.monotonic())
+            time.sleep(0.5)
+            for name, (proc, began) in list(running.items()):
+                code, took = proc.poll(), time.monotonic() - began
+                if code is None and took > timeout:
+                    stop({name: proc})
+                    problems[name] = f"stuck: still running after {timeout:.0f} s, stopped"
+                elif code:
+                    problems[name] = f"failed: dvc exp run exited {code}{last_lines(name, jobs)}"
+                elif code == 0:
+                    print(f"=== {name} done in {took:.0f} s", flush=True)
+                    done.append(name)
+                else:
+                    continue
+                del running[name]
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        stop({name: proc for name, (proc, _) in running.items()})
+        problems.update(dict.fromkeys(running, "stopped"))
+        raise
+
+
+def settle_replaced(names, done):
+    """Drop the kept copy of each replaced experiment whose new run succeeded; restore the others."""
+    kept = study.experiments()
+    for name in names:
+        backup = f"{name}{REPLACED_SUFFIX}"
+        if backup not in kept:
+            continue
+        if name in done:
+            study.sh("dvc", "exp", "remove", backup)
+        else:
+            study.sh("dvc", "exp", "remove", name, check=False)  # a failed run: free the name
+            study.sh("dvc", "exp", "rename", backup, name)
+            print(f"{name}: no new run; the previous one ({kept[backup]['rev'][:7]}) is kept")
+
+
+def main(argv=None):
+    # Ctrl-C raises KeyboardInterrupt even in a study started in the background (which would ignore
+    # it), and the dvc processes start with its default action, so that stop() can use it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = parse_args(argv)
+    if args.jobs < 1:
+        study.fail(f"--jobs must be a positive number of runs at once, got {args.jobs}")
+    wanted, extra, base = study.checked_runs(args)
+    study.check_committed("would leak into every experiment; commit or stash them first")
+    names, done, problems = [name for name, _ in wanted], [], {}
+    with study.lock_workspace():
+        try:
+            todo = plan(wanted, extra, base, args.force)
+            run_all(todo, args.jobs, args.timeout, done, problems)
+        except KeyboardInterrupt:
+            settle_replaced(names, done)
+            stopped = [name for name, problem in problems.items() if problem == "stopped"]
+            what = f"stopped {', '.join(stopped)}" if stopped else "no run was in flight"
+            print(f"\ninterrupted: {what}; {len(done)} finished and kept; run the study again for the rest")
+            return 130
+        settle_replaced(names, done)
+    ran, skipped = len(done), len(wanted) - len(todo)
+    print(f"\nstudy: {ran} run, {skipped} skipped, {len(problems)} failed")
+    for name, problem in problems.items():
+        print(f"  {name}: {problem}")
+    return study.RUNS_FAILED if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
