@@ -36,7 +36,7 @@ def state(trial, retries):
 
 
 def table(search, keys):
-    retries = {t.user_attrs["retry_of"]: tune.trial_name(t.number) for t in search.trials if "retry_of" in t.user_attrs}
+    retries = {t.user_attrs.get("retry_of"): tune.trial_name(t.number) for t in search.trials}
     rows = [["trial", tune.OBJECTIVE[1], "minutes", *keys, "state"]]
     for t in search.trials:
         minutes = f"{t.duration.total_seconds() / 60:.1f}" if t.duration else ""
@@ -86,7 +86,8 @@ def main(argv=None):
     keys, best, out = list(space), search.best_trial, Path(args.out)
     top = most_important(search, keys)
     figures(search, top, out)
-    extra = {t.user_attrs.get("set") for t in search.trials} - {"none", None}
+    extra = ", ".join(sorted({t.user_attrs.get("set") for t in search.trials} - {"none", None}))
+    smoke = [f"\n**Not full-size:** trials ran with the extra overrides {extra}."] if extra else []
     lines = [
         "# Tuning the MLP",
         "",
@@ -94,7 +95,7 @@ def main(argv=None):
         f" name, over the space of `{args.space}`; the objective, maximised, is `{tune.OBJECTIVE[1]}` of"
         f" `{tune.OBJECTIVE[0]}`: the validation accuracy of the checkpoint kept by validation loss. The"
         " test set chose nothing, so no test figure is shown here: the study confirms the winner (below).",
-        *([f"\n**Not full-size:** trials ran with the extra overrides {', '.join(sorted(extra))}."] if extra else []),
+        *smoke,
         "",
         f"**Best: {tune.trial_name(best.number)}**, {tune.OBJECTIVE[1]} {best.value:.4f}, with",
         "",
