@@ -192,6 +192,8 @@ def test_default_params_train_the_model_they_trained_before(prepared, tmp_path, 
     """The new params at their defaults train the same model, to the byte, as params without them."""
     from stages.common import load_params, load_split
 
+    import keras
+
     from stages.train import train
 
     monkeypatch.chdir(prepared)
@@ -206,6 +208,7 @@ def test_default_params_train_the_model_they_trained_before(prepared, tmp_path, 
     splits = load_split("train"), load_split("val")
     models = []
     for name, p in (("new", params), ("old", old)):
+        keras.backend.clear_session()  # layer names restart, as in a process of its own
         train(p, splits, tmp_path / f"{name}.keras", tmp_path / f"{name}-live")
         models.append((tmp_path / f"{name}.keras").read_bytes())
     assert models[0] == models[1]
