@@ -35,13 +35,17 @@ def state(trial, retries):
     return trial.state.name.lower()  # running, or waiting to be asked again
 
 
+def short(value):
+    return float(f"{value:.3g}") if isinstance(value, float) else value
+
+
 def table(search, keys):
     retries = {t.user_attrs.get("retry_of"): tune.trial_name(t.number) for t in search.trials}
     rows = [["trial", tune.OBJECTIVE[1], "minutes", *keys, "state"]]
     for t in search.trials:
         minutes = f"{t.duration.total_seconds() / 60:.1f}" if t.duration else ""
         value = f"{t.value:.4f}" if t.value is not None else ""
-        params = [study.format_value(t.params[k]) if k in t.params else "" for k in keys]
+        params = [study.format_value(short(t.params[k])) if k in t.params else "" for k in keys]
         rows.append([tune.trial_name(t.number), value, minutes, *params, state(t, retries)])
     rows.insert(1, ["---"] * len(rows[0]))
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
@@ -66,6 +70,7 @@ def figures(search, keys, out):
     vis = optuna.visualization.matplotlib
     ax = vis.plot_optimization_history(search, target_name=tune.OBJECTIVE[1])
     ax.figure.set_size_inches(8, 4.5)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.figure.savefig(out / "tuning_history.png", dpi=100, bbox_inches="tight")
     axes = np.atleast_1d(vis.plot_slice(search, params=keys, target_name=tune.OBJECTIVE[1]))
     axes[0].figure.set_size_inches(4 * len(axes), 4)
