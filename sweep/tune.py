@@ -37,7 +37,7 @@ def parse_args(argv):
     study.add_run_args(p)
     p.add_argument("--jobs", type=int, default=local.JOBS, help="trials at once (%(default)s)")
     p.add_argument("--ray", action="store_true", help="on the Ray cluster of RAY_ADDRESS (docs/cluster.md)")
-    p.add_argument("--cpus", type=float, default=2, help="with --ray: CPUs one trial asks for (%(default)s)")
+    study.add_cluster_args(p)
     return p.parse_args(argv)
 
 
@@ -154,9 +154,9 @@ def run_trials(search, space, extra, args, existing):
     try:
         todo = [ask() for _ in range(max(0, min(args.jobs, args.trials - len(ended(search.trials)))))]
         if args.ray:
-            from sweep import cluster  # Ray only when asked for: `make setup-cluster` installs it
+            from sweep import cluster
 
-            cluster.fan_out(todo, args, tell)
+            cluster.fan_out(todo, args, lambda _, overrides: [*study.assignments(overrides), "--trial"], tell)
         else:
             local.run_all(todo, args.jobs, args.timeout, done, problems, lambda n: tell(n, problems.get(n)))
     except KeyboardInterrupt:
@@ -177,6 +177,10 @@ def main(argv=None):
     for key in set(space) & set(extra):
         print(f"warning: SET's {key} overrides the space's: every trial runs with {extra[key]}")
     study.check_committed("would leak into every trial; commit or stash them first")
+    if args.ray:
+        from sweep import cluster  # Ray only when asked for: `make setup-cluster` installs it
+
+        cluster.check_remotes()
     with study.lock_workspace():
         search = open_search(seed)
         existing = study.experiments()
