@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 from optuna.trial import TrialState
@@ -75,7 +76,7 @@ def figures(search, keys, out):
     axes = np.atleast_1d(vis.plot_slice(search, params=keys, target_name=tune.OBJECTIVE[1]))
     axes[0].figure.set_size_inches(4 * len(axes), 4)
     axes[0].figure.savefig(out / "tuning_params.png", dpi=100, bbox_inches="tight")
-    matplotlib.pyplot.close("all")
+    plt.close("all")
 
 
 def main(argv=None):

@@ -15,7 +15,7 @@ from conftest import copy_project, git_init, run
 from test_ablations import ENV, exp_show, found, make, processes_in, with_make_and_study
 
 optuna = pytest.importorskip("optuna")
-from sweep import tune  # noqa: E402
+from sweep import study, tune  # noqa: E402
 
 # The new params in the real pipeline: every one of them drawn, one epoch or two of the small model.
 PIPELINE_SPACE = {
@@ -82,6 +82,13 @@ def test_make_tune_on_the_pipeline(tmp_path, synthetic_env):
     best = max(journal(project), key=lambda t: t.value)
     assert f"**Best: {tune.trial_name(best.number)}**" in report and "  - name: tuned-mlp" in report
     assert "test_accuracy: 0.98" not in report.split("```")[0]  # no test figure outside the variant
+    # The printed variant is one the study takes as it is, with the best trial's params.
+    entry = yaml.safe_load(report.split("```yaml\n")[1].split("```")[0])[0]
+    assert entry["name"] == "tuned-mlp" and entry["set"] == best.params
+    spec = yaml.safe_load((project / "ablations.yaml").read_text())
+    spec["experiments"].append(entry)
+    (project / "with-tuned.yaml").write_text(yaml.safe_dump(spec))
+    assert study.load_study(project / "with-tuned.yaml")[-1]["compare_to"] == "baseline"
     for name in ("tuning_history.png", "tuning_params.png"):
         assert (project / "reports" / name).stat().st_size > 10_000
 
