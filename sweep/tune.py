@@ -1,13 +1,11 @@
 """Search the MLP's hyperparameters with Optuna: `python -m sweep.tune --trials N [k=v ...]`.
 
-Each trial is the DVC experiment tune-<number>: the committed params.yaml plus one value per param of
-tune.yaml's space, as Optuna's seeded TPE sampler proposes it (ask), plus the extra k=v, run by the
-study's own runner (sweep/local.py's pool, or Ray with --ray). As a trial ends the sampler is told
-its validation figure (OBJECTIVE, from the experiment's metrics in `dvc exp show`; the test set never
-chooses) and asked for the next. The search lives in JOURNAL, so it resumes where it stopped:
---trials N counts the trials that ended, and one stopped midway (Ctrl-C, a kill) is told as failed
-and queued again with the same params. A trial whose run fails is told as failed and its experiment
-removed. Exit status as sweep/local.py's (3: some trials failed).
+Each trial is the DVC experiment tune-<number>, the committed params plus the values Optuna's seeded
+TPE sampler asks for (tune.yaml's space) and the extra k=v, run by the study's runner (sweep/local.py's
+pool, or Ray with --ray). As one ends, the sampler is told its validation figure (OBJECTIVE, from
+`dvc exp show`) and asked for the next. The search lives in JOURNAL: --trials N counts the trials that
+ended; one stopped midway (Ctrl-C, a kill) is told as failed and queued again with the same params;
+one whose run fails is told as failed, its experiment removed (exit status 3, as sweep/local.py's).
 """
 
 import argparse
@@ -46,11 +44,10 @@ def load_space(path):
     try:
         spec = yaml.safe_load(Path(path).read_text())
         space, seed = spec["space"], spec.get("sampler_seed", 0)
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        study.fail(f"{path}: cannot read a `space:` mapping from it ({e})")
-    for key, rule in space.items():
-        if not isinstance(rule, dict) or not ({"choices"} <= set(rule) or {"low", "high"} <= set(rule)):
-            study.fail(f"{path}: {key} needs {{choices: [...]}} or {{low: ..., high: ...}}, got {rule!r}")
+        if not all({"choices"} <= set(r) or {"low", "high"} <= set(r) for r in space.values()):
+            raise ValueError("each param needs {choices: [...]} or {low: ..., high: ...}")
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as e:
+        study.fail(f"{path}: not a search space ({e})")
     return space, seed
 
 
