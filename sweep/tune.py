@@ -136,13 +136,15 @@ def run_trials(search, space, extra, args, existing):
         return name, flight[name][1]
 
     def tell(name, error):
-        trial, overrides = flight.pop(name)
+        trial, overrides = flight[name]  # still in flight: Ctrl-C while reading its metrics stops it
         value = None if error else objective(study.experiments().get(name), overrides)
         if value is None:
             failed.append(name)
             give_up(search, trial, error or f"no {OBJECTIVE[1]} in its metrics")
         else:
             search.tell(trial, value)
+        del flight[name]
+        if value is not None:
             best = search.best_trial
             print(f"{name}: {OBJECTIVE[1]} {value:.4f}; best {trial_name(best.number)} {best.value:.4f}")
         return [ask()] if args.trials - len(ended(search.trials)) - len(flight) > 0 else []
