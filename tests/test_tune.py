@@ -43,6 +43,14 @@ Path("metrics/train").mkdir(parents=True, exist_ok=True)
 json.dump({"best_val_accuracy": 0.5 + d}, open("metrics/train/metrics.json", "w"))
 json.dump({"test_accuracy": 1 - d}, open("metrics/evaluate.json", "w"))
 """
+# A search killed after asking for two trials: both stay marked running in the journal.
+ASK_TWO = """\
+import json
+from sweep import tune
+space, seed = tune.load_space("tune.yaml")
+search = tune.open_search(seed)
+print(json.dumps([tune.suggest(search.ask(), space) for _ in range(2)][0]))
+"""
 TOY_SPACE = {"model.dropout": {"low": 0.0, "high": 0.5}, "train.epochs": {"choices": [1, 2]}}
 
 
@@ -247,3 +255,18 @@ def test_the_new_params_do_what_params_yaml_says(prepared, tmp_path, monkeypatch
     assert float(made[-1].learning_rate) == pytest.approx(0, abs=1e-9)
     steps = -(-len(splits[0][1]) // params["train"]["batch_size"])  # batches per epoch, the last one short
     assert int(made[-1].iterations) == params["train"]["epochs"] * steps
+
+
+def test_a_killed_search_is_recovered_from_its_journal(toy):
+    """A search killed outright leaves its trials marked running: the next one tells the trial whose
+    experiment had finished its result, and runs the other's params again."""
+    asked = run([sys.executable, "-c", ASK_TWO], toy).stdout.split("\n")[0]
+    params = json.loads(asked)  # tune-000's, which "finished" before the kill: run it as tune.py would
+    run(["dvc", "exp", "run", "--temp", "-n", "tune-000", *study.dvc_set_args(params)], toy)
+    out = search(toy, "--trials", "2")
+    assert "tune-000 had finished before the stop" in out and "stopped tune-001: it runs again" in out
+    assert trials_by_state(toy) == {"COMPLETE": ["tune-000", "tune-002"], "FAIL": ["tune-001"]}
+    trials = journal(toy)
+    assert trials[0].value == 0.5 + params["model.dropout"]
+    assert trials[2].params == trials[1].params and trials[2].user_attrs["retry_of"] == "tune-001"
+    assert set(found(toy)) == {"tune-000", "tune-002"}
