@@ -97,10 +97,10 @@ def watch(tasks, events, submit=None, more=None):
             took = sum(result.get("seconds", {}).values())
             bar.write(f"{result['status']} {name}" + (f" in {took:.0f} s" if took else ""))
             bar.update()
-            failed = result["status"] == "failed"
-            if more and not failed:
+            lost = result["status"] == "failed"
+            if more and not lost:
                 sh("dvc", "exp", "pull", "origin", name, check=False)
-            for new, overrides in more(name, result.get("error") if failed else None) if more else []:
+            for new, overrides in more(name, result.get("error") if lost else None) if more else []:
                 tasks[submit(new, overrides)] = new
                 bar.total += 1
         ended = Counter(r["status"] for r in results.values())
