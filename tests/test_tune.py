@@ -270,3 +270,23 @@ def test_a_killed_search_is_recovered_from_its_journal(toy):
     assert trials[0].value == 0.5 + params["model.dropout"]
     assert trials[2].params == trials[1].params and trials[2].user_attrs["retry_of"] == "tune-001"
     assert set(found(toy)) == {"tune-000", "tune-002"}
+
+
+def test_a_trial_through_the_ray_worker_is_published_whole(toy, tmp_path):
+    """What a Ray task runs for a trial (`sweep.worker NAME --trial k=v`): every override comes from
+    the command line, none from the study file, and the experiment reaches the machine that asked."""
+    origin, store = tmp_path / "origin.git", tmp_path / "store"
+    store.mkdir()
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    for args in (
+        ["git", "remote", "add", "origin", str(origin)],
+        ["git", "push", "-q", "origin", "main"],
+        ["dvc", "remote", "add", "--local", "-d", "store", str(store)],
+    ):
+        run(args, toy)
+    cmd = [sys.executable, "-m", "sweep.worker", "tune-005", "--trial", "model.dropout=0.3", "train.epochs=2"]
+    run(cmd, toy, env=ENV)
+    run(["dvc", "exp", "pull", "origin", "tune-005"], toy)  # as cluster.watch does before telling
+    exp = found(toy)["tune-005"]
+    assert (exp["params"]["model.dropout"], exp["params"]["train.epochs"]) == (0.3, 2)
+    assert tune.objective(exp, {"model.dropout": 0.3}) == 0.8
