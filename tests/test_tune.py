@@ -290,3 +290,17 @@ def test_a_trial_through_the_ray_worker_is_published_whole(toy, tmp_path):
     exp = found(toy)["tune-005"]
     assert (exp["params"]["model.dropout"], exp["params"]["train.epochs"]) == (0.3, 2)
     assert tune.objective(exp, {"model.dropout": 0.3}) == 0.8
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"model.dropuot": {"low": 0, "high": 1}}, "error: tune.yaml: model.dropuot is not in params.yaml;"),
+        ({"model.dropout": [0, 1]}, "error: tune.yaml: not a search space ("),
+    ],
+)
+def test_a_bad_space_ends_in_one_line_before_any_trial(toy, space, message):
+    write_space(toy, space)
+    out = search(toy, "--trials", "2", code=1)
+    assert out.startswith(message) and out.count("\n") == 1, out
+    assert exp_show(toy) == [] and not (toy / tune.JOURNAL).exists()
