@@ -72,6 +72,17 @@ ablations: setup  ## run the study's experiments and write reports/ablations.md
 report: setup  ## reports/ablations.{md,csv} and figures from the experiments DVC has (SEEDS, ONLY as above)
 	python -m sweep.report $(STUDY_ARGS)
 
+# The hyperparameter search (tune.yaml's space): TRIALS=N trials in all (default 20), each the DVC
+# experiment tune-<number>, run as the study's runs are (JOBS, SET, TIMEOUT, RAY_ADDRESS and CPUS as
+# above); then reports/tuning.md. Its journal, reports/tuning.journal, lets Ctrl-C and `make tune`
+# again finish the planned trials; the best one is confirmed by the study (docs/tuning.md).
+.PHONY: tune
+tune: setup  ## search the MLP's hyperparameters with Optuna (TRIALS=N) and write reports/tuning.md
+	python -m sweep.tune $(if $(TRIALS),--trials $(TRIALS)) $(if $(JOBS),--jobs $(JOBS)) \
+		$(if $(RAY_ADDRESS),--ray $(if $(CPUS),--cpus $(CPUS))) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(SET) \
+		|| { test $$? = 3 && python -m sweep.tune_report; exit 1; }
+	python -m sweep.tune_report
+
 # The train stage against the plain Keras script on TensorFlow and on JAX, interleaved, with the
 # machine's matmul rate: benchmarks/results.{json,md} (about 25 minutes on 2 cores). QUICK=1 shrinks
 # data and epochs (minutes, to check the code; not figures to quote); PROFILE=1 adds where an MLP

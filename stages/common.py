@@ -117,6 +117,8 @@ SCHEMA = {
         "hidden_layers": (_positive_int, "a positive integer"),
         "activation": _one_of(ACTIVATIONS),
         "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "input_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "max_norm": (lambda v: v is None or (_number(v) and 0 < v < math.inf), "a positive number or null"),
         "filters": (
             lambda v: isinstance(v, list) and v and all(_positive_int(f) for f in v),
             "a non-empty list of positive integers, e.g. [32, 64]",
@@ -131,6 +133,7 @@ SCHEMA = {
             lambda v: v is None or (_number(v) and 0 < v < math.inf),
             "a positive finite number or null",
         ),
+        "lr_schedule": _one_of(("constant", "cosine")),
         "batch_size": (_positive_int, "a positive integer"),
         "epochs": (_positive_int, "a positive integer"),
         "jit_compile": (lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),

@@ -46,10 +46,17 @@ def build_model(p, image_shape=(28, 28), classes=10):
             layers.append(keras.layers.Dense(p["dense_units"], activation=p["activation"]))
         if p["dropout"] > 0:
             layers.append(keras.layers.Dropout(p["dropout"]))
-    else:  # 784 -> hidden_layers x (Dense hidden_units, activation, Dropout)
+    else:  # 784 -> [input Dropout] -> hidden_layers x (Dense hidden_units, activation, Dropout)
         layers = [keras.Input((math.prod(image_shape),))]
+        # Absent keys mean no layer and no constraint: the model as it was before they existed.
+        if p.get("input_dropout", 0) > 0:
+            layers.append(keras.layers.Dropout(p["input_dropout"]))
+        limit = p.get("max_norm")  # Srivastava et al. 2014: each unit's incoming weights kept in a ball
+        norm = keras.constraints.MaxNorm(limit) if limit is not None else None
         for _ in range(p["hidden_layers"]):
-            layers.append(keras.layers.Dense(p["hidden_units"], activation=p["activation"]))
+            layers.append(
+                keras.layers.Dense(p["hidden_units"], activation=p["activation"], kernel_constraint=norm)
+            )
             if p["dropout"] > 0:
                 layers.append(keras.layers.Dropout(p["dropout"]))
     # float32 softmax even under mixed precision, where bfloat16 probabilities would be too coarse.
@@ -145,6 +152,10 @@ def train(params, splits, model_path, live_dir):
     # XLA fuses the MLP's element-wise passes; the CNN cannot use it (check_cnn, README "A CNN").
     jit = t["jit_compile"] if t["jit_compile"] != "auto" else params["model"]["type"] == "mlp"
     config = {} if t["learning_rate"] is None else {"learning_rate": t["learning_rate"]}
+    if t.get("lr_schedule", "constant") == "cosine":  # from the rate above to 0 over every step of the run
+        rate = t["learning_rate"] or float(keras.optimizers.get(t["optimizer"]).learning_rate)
+        steps = t["epochs"] * math.ceil(len(x) / t["batch_size"])
+        config["learning_rate"] = keras.optimizers.schedules.CosineDecay(rate, steps)
     optimizer = keras.optimizers.get({"class_name": t["optimizer"], "config": config})
     optimizer.build(model.trainable_weights)  # its slots must exist before tracing
     train_epoch, evaluate = make_steps(model, optimizer, x, y, divisor, t["batch_size"], jit)
@@ -158,7 +169,7 @@ def train(params, splits, model_path, live_dir):
             loss, accuracy = train_epoch(order)
             val_loss, val_accuracy = evaluate(*val)
             if best is None or val_loss < best[1]:
-                best = (epoch + 1, val_loss)
+                best = (epoch + 1, val_loss, val_accuracy)
                 save_model(model, model_path)
             seconds.append(time.perf_counter() - began)
             for name, value in (("loss", loss), ("accuracy", accuracy)):
@@ -176,6 +187,7 @@ def train(params, splits, model_path, live_dir):
             params=model.count_params(),
             best_epoch=best[0],
             best_val_loss=best[1],
+            best_val_accuracy=best[2],  # of the kept checkpoint: what `make tune` maximises
             train_seconds=round(total, 2),  # the epoch loop: training, validation, checkpoints
             first_epoch_seconds=round(seconds[0], 3),  # includes tracing and XLA compilation
             epoch_seconds=round(statistics.median(seconds[1:] or seconds), 3),  # median of the rest

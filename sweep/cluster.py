@@ -41,19 +41,23 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     study.add_selection_args(p, "run")
     study.add_run_args(p)
-    p.add_argument("--cpus", type=float, default=2, help="CPUs one training uses (%(default)s)")
-    p.add_argument("--retries", type=int, default=3, help="times a run is retried when its node dies")
+    study.add_cluster_args(p)
     return p.parse_args(argv)
 
 
-def plan(args):
-    """([(name, overrides)], extra overrides), after the checks that would otherwise fail every task."""
-    wanted, extra, _ = study.checked_runs(args)
-    study.check_committed("would not reach the workers; commit and push them first", "sweep", args.study)
+def check_remotes(*paths):
+    """The checks that would otherwise fail every task: `paths` committed, HEAD on origin, a DVC remote."""
+    study.check_committed("would not reach the workers; commit and push them first", "sweep", *paths)
     sh("git", "fetch", "-q", "origin", what="git remote origin is missing or unreachable (`git remote add`)")
     if not sh("git", "branch", "-r", "--contains", "HEAD"):
         fail("HEAD is not on origin, so the workers cannot clone it: `git push origin HEAD` first")
     check_dvc_remote()
+
+
+def plan(args):
+    """([(name, overrides)], extra overrides), after check_remotes()."""
+    wanted, extra, _ = study.checked_runs(args)
+    check_remotes(args.study)
     return [(name, {**own, **extra}) for name, own in wanted], extra
 
 
@@ -69,8 +73,9 @@ def run_one(name, argv, events):
     return {"status": "failed", "error": f"worker exited {proc.returncode}", **found, "log": proc.stdout}
 
 
-def watch(tasks, events):
-    """Wait for every task, showing queued/running/done/failed; {name: result}."""
+def watch(tasks, events, submit=None, more=None):
+    """Wait for every task, showing queued/running/done/failed; {name: result}. `more(name, error)`,
+    called as each ends (its experiment pulled here), returns runs to add, `submit(name, overrides)`ted."""
     results, attempts, running = {}, Counter(), set()
     bar = tqdm(total=len(tasks), unit="run", dynamic_ncols=True)
 
@@ -92,6 +97,12 @@ def watch(tasks, events):
             took = sum(result.get("seconds", {}).values())
             bar.write(f"{result['status']} {name}" + (f" in {took:.0f} s" if took else ""))
             bar.update()
+            lost = result["status"] == "failed"
+            if more and not lost:
+                sh("dvc", "exp", "pull", "origin", name, check=False)
+            for new, overrides in more(name, result.get("error") if lost else None) if more else []:
+                tasks[submit(new, overrides)] = new
+                bar.total += 1
         ended = Counter(r["status"] for r in results.values())
         queued = len(tasks) - len(results) - len(running)
         ok, failed = ended["done"] + ended["skipped"], ended["failed"]
@@ -128,23 +139,33 @@ def join(env, cpus):
         )
 
 
+def fan_out(todo, args, argv_of, more=None):
+    """Run [(name, overrides)] as Ray tasks, each worker given argv_of(name, overrides) and the
+    study's commit and remotes; {name: result}. `more` as watch() takes it."""
+    rev, url = sh("git", "rev-parse", "HEAD"), sh("git", "remote", "get-url", "origin")
+    join({k: v for k, v in os.environ.items() if FORWARD.fullmatch(k)}, args.cpus)
+    # The progress queue lives on this node, so it survives the death of any other.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    common = ["--rev", rev, "--git-remote", url, "--dvc-remote", dvc_remote_url()]
+    common += ["--timeout", str(args.timeout), *(["--force"] if args.force else [])]
+    task = run_one.options(num_cpus=args.cpus, max_retries=args.retries)
+
+    def submit(name, overrides):
+        return task.remote(name, [*argv_of(name, overrides), *common], events)
+
+    results = watch({submit(name, overrides): name for name, overrides in todo}, events, submit, more)
+    ray.shutdown()
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     todo, extra = plan(args)
-    rev, url = sh("git", "rev-parse", "HEAD"), sh("git", "remote", "get-url", "origin")
     with study.lock_workspace():
-        join({k: v for k, v in os.environ.items() if FORWARD.fullmatch(k)}, args.cpus)
-        # The progress queue lives on this node, so it survives the death of any other.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        common = ["--rev", rev, "--git-remote", url, "--dvc-remote", dvc_remote_url(), "--study", args.study]
-        common += ["--timeout", str(args.timeout), *(["--force"] if args.force else [])]
-        task = run_one.options(num_cpus=args.cpus, max_retries=args.retries)
         start = time.monotonic()
         # A worker finds a run's own overrides in the study file from its name; it gets only SET's.
-        tasks = {task.remote(name, [*study.assignments(extra), *common], events): name for name, _ in todo}
-        results = watch(tasks, events)
-        ray.shutdown()
+        results = fan_out(todo, args, lambda name, _: [*study.assignments(extra), "--study", args.study])
         failed = {n: r for n, r in results.items() if r["status"] == "failed"}
         counts = Counter(r["status"] for r in results.values())
         print(

@@ -28,16 +28,16 @@ REPLACED_SUFFIX = "-replaced"  # of an experiment being replaced, until its new 
 LOGS = Path(".dvc/tmp/study")  # one log per run when several run at once (git-ignored by DVC)
 EXPS = Path(".dvc/tmp/exps")  # DVC's temporary workspaces and the files that say they are running
 GRACE = 10  # seconds a stopped run has to clean up before it is killed
+# Two runs at once, one thread each, finished the nine-variant study sooner than one after another
+# with two threads on a 2-core machine (benchmarks/results.md).
+JOBS = min(2, len(os.sched_getaffinity(0)))
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     study.add_selection_args(p, "run")
     study.add_run_args(p)
-    # Two runs at once, one thread each, finished the nine-variant study sooner than one after another
-    # with two threads on a 2-core machine (benchmarks/results.md).
-    jobs = min(2, len(os.sched_getaffinity(0)))
-    p.add_argument("--jobs", type=int, default=jobs, help=f"runs at once, each with cores/N threads ({jobs})")
+    p.add_argument("--jobs", type=int, default=JOBS, help=f"runs at once, each with cores/N threads ({JOBS})")
     return p.parse_args(argv)
 
 
@@ -128,15 +128,17 @@ def stop(procs):
             discard(name)
 
 
-def run_all(todo, jobs, timeout, done, problems):
-    """Run `todo`, `jobs` at a time, in order, adding each name to `done` or {name: why} to `problems`.
+def run_all(todo, jobs, timeout, done, problems, more=None):
+    """Run `todo`, `jobs` at a time, in order, adding each name to `done` or {name: why} to `problems`;
+    `more(name)`, called as each run ends, returns runs to add (a search asks its next trials then).
     On Ctrl-C the runs in flight are stopped (problem "stopped") and KeyboardInterrupt raised again."""
-    pending, running = list(todo), {}
+    pending, running, started = list(todo), {}, 0
     try:
         while pending or running:
             while pending and len(running) < jobs:
                 name, overrides = pending.pop(0)
-                print(f"\n=== [{len(todo) - len(pending)}/{len(todo)}] {name}", flush=True)
+                started += 1
+                print(f"\n=== [{started}/{started + len(pending)}] {name}", flush=True)
                 running[name] = (start(name, overrides, jobs), time.monotonic())
             time.sleep(0.5)
             for name, (proc, began) in list(running.items()):
@@ -152,6 +154,7 @@ def run_all(todo, jobs, timeout, done, problems):
                 else:
                     continue
                 del running[name]
+                pending += more(name) if more else []
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         stop({name: proc for name, (proc, _) in running.items()})

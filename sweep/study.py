@@ -105,6 +105,12 @@ def add_run_args(parser):
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds a run may take (%(default)s)")
 
 
+def add_cluster_args(parser):
+    """--cpus and --retries, as every command that runs experiments on Ray takes them."""
+    parser.add_argument("--cpus", type=float, default=2, help="with Ray: CPUs one run asks for (%(default)s)")
+    parser.add_argument("--retries", type=int, default=3, help="with Ray: tries of a run whose node dies")
+
+
 def selected_runs(args):
     """(the study, its runs()) for the --study, --seeds and --only that add_selection_args parsed."""
     study = load_study(args.study)

@@ -35,15 +35,19 @@ def parse_args(argv):
     p.add_argument("--git-remote", help="URL to clone and push to (default: origin of the repository here)")
     p.add_argument("--dvc-remote", help="DVC remote URL (default: the default one here, else the commit's)")
     p.add_argument("--result", help="write {name, status, seconds of each step, error} here as JSON")
+    p.add_argument("--trial", action="store_true", help="NAME is a trial of `make tune`: KEY=VALUE are all")
     return p.parse_intermixed_args(argv)
 
 
-def wanted_run(name, study_file, extra):
-    """(overrides, full flat params) of NAME, from the clone's study file and params.yaml."""
-    variants, run = study.load_study(study_file), study.parse_run_name(name)
-    if run is None or run[0] not in {e["name"] for e in variants}:
-        fail(f"{name}: not <variant>-s<seed> with a variant of {study_file}")
-    [(_, overrides)] = study.runs(variants, [run[1]], only=[run[0]])
+def wanted_run(name, study_file, extra, trial=False):
+    """(overrides, full flat params) of NAME, from the clone's study file (unless a `trial`'s, whose
+    overrides are `extra`) and params.yaml."""
+    overrides = {}
+    if not trial:
+        variants, run = study.load_study(study_file), study.parse_run_name(name)
+        if run is None or run[0] not in {e["name"] for e in variants}:
+            fail(f"{name}: not <variant>-s<seed> with a variant of {study_file}")
+        [(_, overrides)] = study.runs(variants, [run[1]], only=[run[0]])
     overrides.update(extra)
     base = study.committed_params()
     study.check_known([(name, overrides)], base)
@@ -102,7 +106,7 @@ def publish(args, seconds):
         seconds["clone"] = time.monotonic() - start
         start = time.monotonic()
         remote = check_dvc_remote(dvc_url)
-        overrides, wanted = wanted_run(args.name, args.study, extra)
+        overrides, wanted = wanted_run(args.name, args.study, extra, args.trial)
         ref = f"refs/exps/{rev[:2]}/{rev[2:]}/{args.name}"
         commit, same = published(ref, wanted)
         seconds["check"] = time.monotonic() - start

@@ -27,6 +27,8 @@ def test_baseline_is_the_classic_mlp(baseline):
         "hidden_layers": 2,
         "activation": "relu",
         "dropout": 0.2,
+        "input_dropout": 0,  # none: no layer
+        "max_norm": None,  # no constraint
         "filters": [32, 64],  # the CNN's own, unused by the MLP
         "kernel_size": 3,
         "padding": "valid",

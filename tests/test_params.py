@@ -102,6 +102,9 @@ BAD_VALUES = [  # (key, bad value, what the message must say besides "<key> must
     ("model.kernel_size", 0, "a positive integer, got 0"),
     ("model.kernel_size", [3, 3], "a positive integer, got [3, 3]"),
     ("train.jit_compile", "yes", "true, false or auto, got 'yes'"),
+    ("model.input_dropout", 1, "a number in [0, 1), got 1"),
+    ("model.max_norm", 0, "a positive number or null, got 0"),
+    ("train.lr_schedule", "cosin", "one of constant, cosine, got 'cosin' (did you mean cosine?)"),
 ]
 
 
