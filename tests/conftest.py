@@ -181,8 +181,25 @@ def reproduced(synthetic_env, tmp_path_factory):
     return work, proc.stdout
 
 
+def copy_reproduced(reproduced, work):
+    """A private copy of the session's finished project (git, .dvc/cache, dvc.lock, outputs) at `work`."""
+    return Path(shutil.copytree(reproduced[0], work, symlinks=True))
+
+
+def stage_outputs(repro_stdout):
+    """{stage: what it printed} from `dvc repro`'s output, split at DVC's "Running stage" lines."""
+    outputs, stage = {}, None
+    for line in repro_stdout.splitlines():
+        if line.startswith("Running stage '"):
+            stage = line.split("'")[1]
+            outputs[stage] = ""
+        elif stage:
+            outputs[stage] += line + "\n"
+    return outputs
+
+
 @pytest.fixture
 def repro_project(reproduced, tmp_path):
-    """A private copy of the session's finished project (git, .dvc/cache, dvc.lock, outputs): a test
-    that changes things starts where `dvc repro` ended, without running the stages again."""
-    return Path(shutil.copytree(reproduced[0], tmp_path / "project", symlinks=True))
+    """A copy of the session's finished project: a test that changes things starts where `dvc repro`
+    ended, without running the stages again."""
+    return copy_reproduced(reproduced, tmp_path / "project")
