@@ -45,6 +45,15 @@ REAL_MNIST_HELP = (
 )
 
 
+# The two files that take minutes (each one long chain of DVC runs) start first: `make test` runs
+# the suite on two workers, file by file, and either file started last would finish alone.
+LONGEST_FIRST = ("test_readme.py", "test_ablations.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
+
+
 def pinned(dataset):
     """{file name: SHA-256} pinned in stages/checksums for `dataset`."""
     text = (ROOT / "stages" / "checksums" / f"{dataset}.sha256").read_text()
