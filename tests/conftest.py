@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 from synthetic_idx import write_mirror
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,10 +185,21 @@ def prepared(project, raw_data):
 @pytest.fixture(scope="session")
 def reproduced(synthetic_env, tmp_path_factory):
     """(project, stdout of its `dvc repro`): one whole pipeline run on synthetic MNIST per session,
-    small config, shared by the tests that start from a finished run. Copy it with `repro_project`."""
-    work = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
-    proc = run(["dvc", "repro"], work, env={**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    return work, proc.stdout
+    small config, shared by the tests that start from a finished run. Copy it with `repro_project`.
+
+    Under `make test`'s workers (pytest-xdist) one run serves them all: the first worker to get here
+    runs it in the session's directory, which holds every worker's own, and the others wait for it.
+    (The workers' synthetic mirrors are byte-identical, and no output records the mirror's path.)"""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    work, log = shared / "reproduced" / "project", shared / "reproduced" / "stdout.txt"
+    with FileLock(shared / "reproduced.lock"):
+        if not log.exists():
+            copy_project(work)
+            proc = run(["dvc", "repro"], work, env={**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            log.write_text(proc.stdout)
+    return work, log.read_text()
 
 
 def copy_reproduced(reproduced, work):
