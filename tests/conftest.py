@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 from synthetic_idx import write_mirror
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,15 @@ REAL_MNIST_HELP = (
     "needs the real MNIST digits: set MNIST_MIRROR to a directory or URL holding its four .gz files, "
     "put a copy at ../shared/mnist beside the repository, or run `make repro` once (it fills data/raw)"
 )
+
+
+# The two files that take minutes (each one long chain of DVC runs) start first: `make test` runs
+# the suite on two workers, file by file, and either file started last would finish alone.
+LONGEST_FIRST = ("test_readme.py", "test_ablations.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
 
 
 def pinned(dataset):
@@ -175,14 +185,42 @@ def prepared(project, raw_data):
 @pytest.fixture(scope="session")
 def reproduced(synthetic_env, tmp_path_factory):
     """(project, stdout of its `dvc repro`): one whole pipeline run on synthetic MNIST per session,
-    small config, shared by the tests that start from a finished run. Copy it with `repro_project`."""
-    work = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
-    proc = run(["dvc", "repro"], work, env={**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    return work, proc.stdout
+    small config, shared by the tests that start from a finished run. Copy it with `repro_project`.
+
+    Under `make test`'s workers (pytest-xdist) one run serves them all: the first worker to get here
+    runs it in the session's directory, which holds every worker's own, and the others wait for it.
+    (The workers' synthetic mirrors are byte-identical, and no output records the mirror's path.)"""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    work, log = shared / "reproduced" / "project", shared / "reproduced" / "stdout.txt"
+    with FileLock(shared / "reproduced.lock"):
+        if not log.exists():
+            copy_project(work)
+            proc = run(["dvc", "repro"], work, env={**synthetic_env, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            log.write_text(proc.stdout)
+    return work, log.read_text()
+
+
+def copy_reproduced(reproduced, work):
+    """A private copy of the session's finished project (git, .dvc/cache, dvc.lock, outputs) at `work`."""
+    return Path(shutil.copytree(reproduced[0], work, symlinks=True))
+
+
+def stage_outputs(repro_stdout):
+    """{stage: what it printed} from `dvc repro`'s output, split at DVC's "Running stage" lines."""
+    outputs, stage = {}, None
+    for line in repro_stdout.splitlines():
+        if line.startswith("Running stage '"):
+            stage = line.split("'")[1]
+            outputs[stage] = ""
+        elif stage:
+            outputs[stage] += line + "\n"
+    return outputs
 
 
 @pytest.fixture
 def repro_project(reproduced, tmp_path):
-    """A private copy of the session's finished project (git, .dvc/cache, dvc.lock, outputs): a test
-    that changes things starts where `dvc repro` ended, without running the stages again."""
-    return Path(shutil.copytree(reproduced[0], tmp_path / "project", symlinks=True))
+    """A copy of the session's finished project: a test that changes things starts where `dvc repro`
+    ended, without running the stages again."""
+    return copy_reproduced(reproduced, tmp_path / "project")

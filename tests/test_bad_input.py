@@ -181,8 +181,8 @@ def test_parameter_count_is_what_keras_builds(model):
 
 
 class Trickle(http.server.BaseHTTPRequestHandler):
-    """Announces a whole file, then sends one byte every 3 s: never silent for long enough to trip a
-    socket timeout of 10 s."""
+    """Announces a whole file, then sends one byte every second: never silent for long enough to trip a
+    socket timeout of 3 s (short, so that the test waits seconds, not tens of them)."""
 
     def log_message(self, *args):
         pass
@@ -192,7 +192,7 @@ class Trickle(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "100000")
         self.end_headers()
         try:
-            while not self.server.stop.wait(3):
+            while not self.server.stop.wait(1):
                 self.wfile.write(b"\0")
                 self.wfile.flush()
         except OSError:  # the client hung up
@@ -208,7 +208,7 @@ def test_trickling_mirror_fails_within_the_timeout(tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_port}/"
-    env = {"MNIST_MIRROR": url, "MNIST_SHA256SUMS": str(sums), "MNIST_TIMEOUT": "10", "MNIST_RETRIES": "0"}
+    env = {"MNIST_MIRROR": url, "MNIST_SHA256SUMS": str(sums), "MNIST_TIMEOUT": "3", "MNIST_RETRIES": "0"}
     try:
         start = time.monotonic()
         proc = run_stage("download", work, check=False, env=env, timeout=60)
@@ -219,10 +219,10 @@ def test_trickling_mirror_fails_within_the_timeout(tmp_path):
         server.server_close()
         thread.join(10)
     assert proc.returncode == 1
-    assert 10 <= elapsed < 16, elapsed  # the timeout, plus the interpreter's start
+    assert 3 <= elapsed < 9, elapsed  # the timeout, plus the interpreter's start
     assert error_lines(proc) == [
         f"error: could not get train-images-idx3-ubyte.gz; tried {url}train-images-idx3-ubyte.gz: timed out: "
-        "the file took more than 10 s. set MNIST_MIRROR to a URL or directory holding the four .gz files"
+        "the file took more than 3 s. set MNIST_MIRROR to a URL or directory holding the four .gz files"
     ]
     assert list((work / "data").rglob("*")) == []  # not even a temporary file
 

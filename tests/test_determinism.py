@@ -16,17 +16,17 @@ from conftest import run_stage
 TIMINGS = {"train_seconds", "first_epoch_seconds", "epoch_seconds", "samples_per_second"}
 
 
-def train(work, keep):
-    run_stage("train", work)
-    keep.mkdir()
-    shutil.copy2(work / "data/model.keras", keep / "model.keras")
-    shutil.copytree(work / "metrics", keep / "metrics")
+def keep(work, where):
+    where.mkdir()
+    shutil.copy2(work / "data/model.keras", where / "model.keras")
+    shutil.copytree(work / "metrics", where / "metrics")
 
 
-def test_two_forced_runs_give_identical_weights_and_metrics(prepared, tmp_path, monkeypatch):
+def test_two_forced_runs_give_identical_weights_and_metrics(repro_project, tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
-    train(prepared, first)
-    train(prepared, second)  # the stage overwrites its outputs: a forced re-run
+    keep(repro_project, first)  # the first training is the session's `dvc repro`
+    run_stage("train", repro_project)  # the stage overwrites its outputs: a forced re-run
+    keep(repro_project, second)
 
     # The archive itself: no save date, fixed timestamps, no memory addresses.
     assert (first / "model.keras").read_bytes() == (second / "model.keras").read_bytes()
@@ -40,7 +40,7 @@ def test_two_forced_runs_give_identical_weights_and_metrics(prepared, tmp_path, 
         assert wa.dtype == wb.dtype and np.array_equal(wa, wb)  # bit-identical, not merely close
 
     # test_accuracy as stages/evaluate.py computes it (in-process: one TensorFlow start-up less).
-    monkeypatch.chdir(prepared)
+    monkeypatch.chdir(repro_project)
     x, y, divisor = load_split("test")
     x = x.reshape(len(x), -1).astype("float32") / np.float32(divisor)
     probs = [model.predict(x, batch_size=1000, verbose=0) for model in models]

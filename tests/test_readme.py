@@ -1,7 +1,7 @@
 """Every shell block of the README, then of docs/data.md, run as printed, in order, in one project copy.
 
 As a newcomer would: a shell whose PATH has no .venv/bin (nor any other dvc), the project's
-small config committed, `../shared/mnist` and `~/my-idx` holding the synthetic MNIST, and a
+small config (one epoch) committed, `../shared/mnist` and `~/my-idx` holding the synthetic MNIST, and a
 four-variant, one-seed study. Only `make test` is left out (it is this suite). A block the tests
 cannot run here carries a `<!-- not run by tests/test_readme.py: why -->` line naming what covers it.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, copy_project, git_init, run
+from conftest import ROOT, SMALL, copy_project, git_init, run
 from PIL import Image
 from synthetic_idx import templates
 
@@ -47,7 +47,8 @@ def glyph(label, path, size=200):
 @pytest.fixture
 def clone(tmp_path, synthetic_env):
     """A project as a fresh clone looks (results committed), with the small config on top."""
-    work = copy_project(tmp_path / "project", git=False)
+    # One epoch, as the README's smoke run sets: its two runs are then the full study's, which skips them.
+    work = copy_project(tmp_path / "project", overrides={**SMALL, "train.epochs": 1}, git=False)
     for name in (
         "Makefile",
         "requirements.txt",
@@ -118,6 +119,8 @@ def test_readme_blocks_run_as_printed(clone):
     assert re.search(r"^two\.png: \d \(", predict, re.M) and re.search(r"^seven\.jpg: \d \(", predict, re.M)
     assert (work / "dvc_plots/index.html").exists()
     assert len((Path(env["HOME"]) / "my-idx/SHA256SUMS").read_text().splitlines()) == 4
+    study = next(out for code, out in ran if "make ablations SEEDS" in code)
+    assert "study: 2 run, 2 skipped, 0 failed" in study, study
     csv = (work / "reports/ablations.csv").read_text()
     assert all(f"{name}-s0" in csv for name in STUDY)
     log = run(["git", "log", "--format=%s", "-1"], work).stdout.strip()

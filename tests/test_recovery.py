@@ -5,7 +5,7 @@ DVC deletes a stage's outputs before running it, so a failed run does leave them
 with `cache: false` (the small files in metrics/) live in git rather than in the DVC cache, so
 the way back is `git checkout -- params.yaml metrics && dvc checkout`: git restores params and
 metrics, `dvc checkout` the cached data. Exactly that is tested here, in one project copy that
-ran `dvc repro` once (module-scoped: the good run is shared; each test restores it).
+ran `dvc repro` once (a module-scoped copy of the session's run; each test restores it).
 """
 
 import hashlib
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, run, set_params
+from conftest import copy_reproduced, run, set_params
 
 
 def dvc(args, work, check=True):
@@ -47,11 +47,10 @@ def cache(work):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, synthetic_env):
-    """A git + DVC project (small config) after one good `dvc repro`, committed."""
-    work = copy_project(tmp_path_factory.mktemp("recovery") / "project")
+def repo(tmp_path_factory, reproduced):
+    """A git + DVC project (small config) after one good `dvc repro` (the session's), committed."""
+    work = copy_reproduced(reproduced, tmp_path_factory.mktemp("recovery") / "project")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    run([str(Path(sys.executable).parent / "dvc"), "repro"], work, env=synthetic_env)
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "good run"], work)
     assert "up to date" in dvc(["status"], work).stdout  # so a byte-identical state is an up-to-date one

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, run, set_params
+from conftest import copy_project, copy_reproduced, run, set_params
 
 DVC = str(Path(sys.executable).parent / "dvc")
 BROUGHT_BACK = re.compile(
@@ -28,10 +28,9 @@ def dvc(args, work, check=True, env=None):
 
 
 @pytest.fixture(scope="module")
-def committed(tmp_path_factory, synthetic_env):
-    """A project copy (small config) after one good `dvc repro`, results committed."""
-    work = copy_project(tmp_path_factory.mktemp("failure") / "project")
-    dvc(["repro"], work, env=synthetic_env)
+def committed(tmp_path_factory, reproduced):
+    """A project copy (small config) after one good `dvc repro` (the session's), results committed."""
+    work = copy_reproduced(reproduced, tmp_path_factory.mktemp("failure") / "project")
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "results"], work)
     return work

@@ -1,4 +1,4 @@
-"""Each stage's outputs on the small config: train, evaluate and plot run once per module."""
+"""Each stage's outputs on the small config, from the session's one `dvc repro` (conftest.reproduced)."""
 
 import json
 import shutil
@@ -11,7 +11,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, SMALL, copy_project, run, run_stage, set_params
+from conftest import ROOT, SMALL, copy_reproduced, run, run_stage, set_params, stage_outputs
 
 from stages import plot
 
@@ -24,15 +24,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def done(tmp_path_factory, raw_data):
-    """A project copy (small config) after preprocess, train, evaluate and plot, with each stage's stdout.
-
-    Module-scoped, unlike `prepared`, so that the model is trained once for all the checks below.
-    """
-    work = copy_project(tmp_path_factory.mktemp("stages"), git=False)
-    shutil.copytree(raw_data, work / "data" / "raw")
-    out = {name: run_stage(name, work).stdout for name in ("preprocess", "train", "evaluate", "plot")}
-    return work, out
+def done(tmp_path_factory, reproduced):
+    """A project copy (small config) after every stage, with what each stage printed: the session's
+    `dvc repro` (its stages are the commands `python3 -m stages.<name>`), copied once for this module."""
+    work = copy_reproduced(reproduced, tmp_path_factory.mktemp("stages") / "project")
+    return work, stage_outputs(reproduced[1])
 
 
 def read_json(path):
