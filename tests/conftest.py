@@ -71,9 +71,13 @@ def is_mnist(directory):
         return False
 
 
+# Read once at start-up: a test's monkeypatch.delenv must not decide whether the real-data tests run.
+GIVEN_MIRROR = os.environ.get("MNIST_MIRROR", "").strip()
+
+
 def find_mirror():
     """The first real MNIST copy of: MNIST_MIRROR, ../shared/mnist, the repo's data/raw; else None."""
-    given = os.environ.get("MNIST_MIRROR", "").strip()
+    given = GIVEN_MIRROR
     if "://" in given:
         return given
     for candidate in (given, ROOT.parent / "shared" / "mnist", ROOT / "data" / "raw"):
