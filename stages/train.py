@@ -23,6 +23,7 @@ from stages.common import (
     model_inputs,
     run,
     save_model,
+    threefry_dropout,
 )
 
 LIVE_DIR = Path("metrics/train")  # DVCLive: per-epoch history and final metrics
@@ -33,6 +34,7 @@ def build_model(p, image_shape=(28, 28), classes=10):
     """The model of p["type"]: the classic MLP or the Keras example "Simple MNIST convnet"."""
     import keras
 
+    dropout = threefry_dropout()
     if p["type"] == "cnn":
         # Conv blocks of `filters`, each halved by pooling, an optional Dense layer, dropout, the classifier.
         layers = [keras.Input((*image_shape, 1))]
@@ -45,13 +47,13 @@ def build_model(p, image_shape=(28, 28), classes=10):
         if p["dense_units"]:
             layers.append(keras.layers.Dense(p["dense_units"], activation=p["activation"]))
         if p["dropout"] > 0:
-            layers.append(keras.layers.Dropout(p["dropout"]))
+            layers.append(dropout(p["dropout"]))
     else:  # 784 -> hidden_layers x (Dense hidden_units, activation, Dropout)
         layers = [keras.Input((math.prod(image_shape),))]
         for _ in range(p["hidden_layers"]):
             layers.append(keras.layers.Dense(p["hidden_units"], activation=p["activation"]))
             if p["dropout"] > 0:
-                layers.append(keras.layers.Dropout(p["dropout"]))
+                layers.append(dropout(p["dropout"]))
     # float32 softmax even under mixed precision, where bfloat16 probabilities would be too coarse.
     layers.append(keras.layers.Dense(classes, activation="softmax", dtype="float32"))
     return keras.Sequential(layers, name=p["type"])
