@@ -32,6 +32,7 @@ def learning_curves(path):
         ax.set(title=metric, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     save(fig, path)
 
 
@@ -59,22 +60,34 @@ def confusion_heatmap(path, names):
         yticklabels=names,
         title=f"test confusion matrix ({np.trace(matrix)} of {matrix.sum()} right)",
     )
+    margins = dict(left=0.1, right=0.98, bottom=0.1, top=0.94)
     if max(map(len, names)) > 2:  # names, not digits: slanted so that they do not overlap
         plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
+        margins.update(left=0.18, bottom=0.2)
+    fig.subplots_adjust(**margins)
     fig.colorbar(im, ax=ax)
     save(fig, path)
 
 
 def digit_grid(path, images, titles, suptitle):
-    cols = max(1, int(np.ceil(np.sqrt(len(images)))))
-    rows = max(1, int(np.ceil(len(images) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles, strict=False):  # spare axes stay blank
-        ax.imshow(image, cmap="gray")
-        ax.set_title(title, fontsize=8)
-    fig.suptitle(suptitle)
+    """The digits in a square-ish grid, each with its title: one image of all the tiles on one axes
+    (an axes per digit took most of the stage's time), each tile scaled to its own range as imshow does."""
+    n, (h, w) = len(images), images.shape[1:]
+    cols = max(1, int(np.ceil(np.sqrt(n))))
+    rows = max(1, int(np.ceil(n / cols)))
+    pitch_x, pitch_y = w + 4, h + 8  # gaps between tiles; the title goes in the one above each
+    canvas = np.full((rows * pitch_y, cols * pitch_x), np.nan)  # NaN: drawn as the white background
+    ax_height = 1.4 * cols * canvas.shape[0] / canvas.shape[1]  # inches, for square pixels
+    fig = plt.figure(figsize=(1.4 * cols, ax_height + 0.5))
+    ax = fig.add_axes((0, 0, 1, ax_height / (ax_height + 0.5)))
+    for k, (image, title) in enumerate(zip(images, titles, strict=True)):
+        top, left = (k // cols) * pitch_y + pitch_y - h, (k % cols) * pitch_x + 2
+        low, high = float(image.min()), float(image.max())
+        canvas[top : top + h, left : left + w] = (image - low) / (high - low) if high > low else 0
+        ax.text(left + w / 2, top - 1, title, ha="center", va="bottom", fontsize=8)
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    fig.suptitle(suptitle, y=1 - 0.15 / (ax_height + 0.5))
     save(fig, path)
 
 
@@ -89,11 +102,12 @@ def digit_values(path, image, label):
         )
     ax.set_title(f"training image, label {label}: raw pixel values")
     ax.axis("off")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.96)
     save(fig, path)
 
 
 def save(fig, path):
-    fig.tight_layout()
+    """Write the figure. Each sets its margins itself: tight_layout would draw every text once more."""
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
