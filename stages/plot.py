@@ -1,5 +1,6 @@
 """Stage plot: figures of the run that a person would rather look at than read."""
 
+import warnings
 from pathlib import Path
 
 from stages.common import CLASS_NAMES, PipelineError, atomic_path, load_params, load_split, require, run
@@ -9,26 +10,34 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on CI machines
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 
 OUT = Path("metrics/figures")
 HISTORY = Path("metrics/train/plots/metrics")  # DVCLive: {train,eval}/{loss,accuracy}.tsv
 
 
+# The tables are read with NumPy: importing pandas took longer than drawing a figure.
 def read_history(split, metric):
-    return pd.read_csv(require(HISTORY / split / f"{metric}.tsv", "train"), sep="\t")
+    """(epochs from 1, values) of DVCLive's step/value table."""
+    table = np.loadtxt(
+        require(HISTORY / split / f"{metric}.tsv", "train"), delimiter="\t", skiprows=1, ndmin=2
+    )
+    return table[:, 0] + 1, table[:, 1]
 
 
-def read_evaluation(name):
-    return pd.read_csv(require(Path("metrics") / name, "evaluate"))
+def read_evaluation(name, **kwargs):
+    """A table of evaluate's, its header row skipped; no rows (nothing misclassified) is no error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+        return np.loadtxt(
+            require(Path("metrics") / name, "evaluate"), delimiter=",", skiprows=1, ndmin=2, **kwargs
+        )
 
 
 def learning_curves(path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for split, label in (("train", "train"), ("eval", "validation")):
-            h = read_history(split, metric)
-            ax.plot(h.step + 1, h[metric], marker="o", label=label)
+            ax.plot(*read_history(split, metric), marker="o", label=label)
         ax.set(title=metric, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -37,7 +46,7 @@ def learning_curves(path):
 
 
 def confusion_heatmap(path, names):
-    matrix = read_evaluation("confusion_matrix.csv").to_numpy()
+    matrix = read_evaluation("confusion_matrix.csv", dtype=int)
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(matrix, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)))
     for (i, j), n in np.ndenumerate(matrix):
@@ -119,7 +128,8 @@ def main():
     x_test, _, _ = load_split("test")
     if p["digit_index"] >= len(x):
         raise PipelineError(f"params.yaml: plot.digit_index must be below {len(x)}, got {p['digit_index']}")
-    wrong = read_evaluation("misclassified.csv").head(p["misclassified"])
+    # index, actual, predicted (and confidence, unused) of the first misclassified test images
+    wrong = read_evaluation("misclassified.csv", usecols=(0, 1, 2), dtype=int)[: p["misclassified"]]
     with atomic_path(OUT) as out:
         out.mkdir()
         learning_curves(out / "learning_curves.png")
@@ -129,8 +139,8 @@ def main():
         digit_values(out / "digit.png", x[p["digit_index"]], names[y[p["digit_index"]]])
         digit_grid(
             out / "misclassified.png",
-            x_test[wrong["index"]],
-            [f"true {names[a]}\npred {names[b]}" for a, b in zip(wrong.actual, wrong.predicted, strict=True)],
+            x_test[wrong[:, 0]],
+            [f"true {names[a]}\npred {names[b]}" for _, a, b in wrong],
             f"misclassified test images (first {len(wrong)})",
         )
     print(f"plot: 5 figures in {OUT}")
