@@ -294,6 +294,9 @@ def quiet_stderr():
 def import_keras():
     """Keras on TensorFlow, imported without the start-up banner (import errors still show), with
     the project's Dropout registered so that models holding it load in safe mode."""
+    # TensorFlow imports JAX wherever it is installed (for TFLite's converter, used by no stage):
+    # 120 MB more peak RSS in the .venv that `make bench` adds JAX to. A None entry makes it skip that.
+    sys.modules.setdefault("jax", None)
     with quiet_stderr():
         import keras
         import tensorflow  # noqa: F401  (the backend, loaded here while stderr is quiet)
