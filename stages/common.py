@@ -2,6 +2,7 @@
 
 import contextlib
 import difflib
+import functools
 import importlib.machinery
 import json
 import math
@@ -33,9 +34,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and 
 PARAMS_FILE = Path("params.yaml")
 PREPARED = Path("data/prepared")
 MODEL_FILE = Path("data/model.keras")
-# float32 activations one inference call may hold (128 MB): the 784-512-512-10 MLP takes its whole
-# split in one call, hidden-2048 and the CNN (whose conv maps took 2.9 GB) take slices.
-EVAL_FLOATS = 2**25
+# float32 activations one inference call may hold (16 MB): validating the 784-512-512-10 MLP's
+# 12,000 images in one call raised the train stage's peak RSS by 60 MB, the CNN's took 2.9 GB.
+EVAL_FLOATS = 2**22
 
 # Plain tuples rather than asking Keras, so that checking params never imports TensorFlow.
 ACTIVATIONS = (
@@ -294,11 +295,56 @@ def quiet_stderr():
 
 
 def import_keras():
-    """Keras on TensorFlow, imported without the start-up banner (import errors still show)."""
+    """Keras on TensorFlow, imported without the start-up banner (import errors still show), with
+    the project's Dropout registered so that models holding it load in safe mode."""
+    # TensorFlow imports JAX wherever it is installed (for TFLite's converter, used by no stage):
+    # 120 MB more peak RSS in the .venv that `make bench` adds JAX to. A None entry makes it skip that.
+    sys.modules.setdefault("jax", None)
     with quiet_stderr():
         import keras
         import tensorflow  # noqa: F401  (the backend, loaded here while stderr is quiet)
+    threefry_dropout()
     return keras
+
+
+@functools.cache
+def threefry_dropout():
+    """`keras.layers.Dropout` with its masks drawn by ThreeFry: the class, defined on first call.
+
+    Keras's TensorFlow backend leaves the algorithm to TensorFlow, which under XLA picks Philox, and
+    XLA's CPU code for Philox is several times slower than for ThreeFry
+    (docs/decisions/threefry-masks.md). TensorFlow's own kernels have no ThreeFry, so the mask is
+    always drawn in a small XLA-compiled function: the same masks with XLA on or off, at any precision.
+    The seed comes from the layer's Keras SeedGenerator, so keras.utils.set_random_seed drives it.
+    """
+    import keras
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def draw_bits(x, seed, noise_shape):
+        shape = (
+            tf.shape(x)
+            if noise_shape is None
+            else [tf.shape(x)[i] if n is None else n for i, n in enumerate(noise_shape)]
+        )
+        return tf.random.stateless_uniform(
+            shape, seed, dtype="uint32", minval=None, maxval=None, alg="threefry"
+        )
+
+    @keras.saving.register_keras_serializable(package="stages")
+    class ThreeFryDropout(keras.layers.Dropout):
+        def call(self, inputs, training=False):
+            if not training or self.rate == 0:
+                return inputs
+            if self.rate == 1:
+                return tf.zeros_like(inputs)
+            # Keras's own seed handling: int64 state, folded into the int32 that XLA's generators take.
+            seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1), "int32")
+            # Kept with probability 1 - rate, as uniform >= rate, on all 32 bits instead of a float's 24.
+            keep = draw_bits(inputs, seed, self.noise_shape) >= min(round(self.rate * 2**32), 2**32 - 1)
+            return tf.where(keep, inputs * tf.cast(1 / (1 - self.rate), inputs.dtype), tf.zeros_like(inputs))
+
+    return ThreeFryDropout
 
 
 def _renumber_shared(node, ids):

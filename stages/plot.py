@@ -1,5 +1,6 @@
 """Stage plot: figures of the run that a person would rather look at than read."""
 
+import warnings
 from pathlib import Path
 
 from stages.common import CLASS_NAMES, PipelineError, atomic_path, load_params, load_split, require, run
@@ -9,34 +10,43 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on CI machines
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 
 OUT = Path("metrics/figures")
 HISTORY = Path("metrics/train/plots/metrics")  # DVCLive: {train,eval}/{loss,accuracy}.tsv
 
 
+# The tables are read with NumPy: importing pandas took longer than drawing a figure.
 def read_history(split, metric):
-    return pd.read_csv(require(HISTORY / split / f"{metric}.tsv", "train"), sep="\t")
+    """(epochs from 1, values) of DVCLive's step/value table."""
+    table = np.loadtxt(
+        require(HISTORY / split / f"{metric}.tsv", "train"), delimiter="\t", skiprows=1, ndmin=2
+    )
+    return table[:, 0] + 1, table[:, 1]
 
 
-def read_evaluation(name):
-    return pd.read_csv(require(Path("metrics") / name, "evaluate"))
+def read_evaluation(name, **kwargs):
+    """A table of evaluate's, its header row skipped; no rows (nothing misclassified) is no error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+        return np.loadtxt(
+            require(Path("metrics") / name, "evaluate"), delimiter=",", skiprows=1, ndmin=2, **kwargs
+        )
 
 
 def learning_curves(path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for split, label in (("train", "train"), ("eval", "validation")):
-            h = read_history(split, metric)
-            ax.plot(h.step + 1, h[metric], marker="o", label=label)
+            ax.plot(*read_history(split, metric), marker="o", label=label)
         ax.set(title=metric, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     save(fig, path)
 
 
 def confusion_heatmap(path, names):
-    matrix = read_evaluation("confusion_matrix.csv").to_numpy()
+    matrix = read_evaluation("confusion_matrix.csv", dtype=int)
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(matrix, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)))
     for (i, j), n in np.ndenumerate(matrix):
@@ -59,22 +69,34 @@ def confusion_heatmap(path, names):
         yticklabels=names,
         title=f"test confusion matrix ({np.trace(matrix)} of {matrix.sum()} right)",
     )
+    margins = dict(left=0.1, right=0.98, bottom=0.1, top=0.94)
     if max(map(len, names)) > 2:  # names, not digits: slanted so that they do not overlap
         plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
+        margins.update(left=0.18, bottom=0.2)
+    fig.subplots_adjust(**margins)
     fig.colorbar(im, ax=ax)
     save(fig, path)
 
 
 def digit_grid(path, images, titles, suptitle):
-    cols = max(1, int(np.ceil(np.sqrt(len(images)))))
-    rows = max(1, int(np.ceil(len(images) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles, strict=False):  # spare axes stay blank
-        ax.imshow(image, cmap="gray")
-        ax.set_title(title, fontsize=8)
-    fig.suptitle(suptitle)
+    """The digits in a square-ish grid, each with its title: one image of all the tiles on one axes
+    (an axes per digit took most of the stage's time), each tile scaled to its own range as imshow does."""
+    n, (h, w) = len(images), images.shape[1:]
+    cols = max(1, int(np.ceil(np.sqrt(n))))
+    rows = max(1, int(np.ceil(n / cols)))
+    pitch_x, pitch_y = w + 4, h + 8  # gaps between tiles; the title goes in the one above each
+    canvas = np.full((rows * pitch_y, cols * pitch_x), np.nan)  # NaN: drawn as the white background
+    ax_height = 1.4 * cols * canvas.shape[0] / canvas.shape[1]  # inches, for square pixels
+    fig = plt.figure(figsize=(1.4 * cols, ax_height + 0.5))
+    ax = fig.add_axes((0, 0, 1, ax_height / (ax_height + 0.5)))
+    for k, (image, title) in enumerate(zip(images, titles, strict=True)):
+        top, left = (k // cols) * pitch_y + pitch_y - h, (k % cols) * pitch_x + 2
+        low, high = float(image.min()), float(image.max())
+        canvas[top : top + h, left : left + w] = (image - low) / (high - low) if high > low else 0
+        ax.text(left + w / 2, top - 1, title, ha="center", va="bottom", fontsize=8)
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    fig.suptitle(suptitle, y=1 - 0.15 / (ax_height + 0.5))
     save(fig, path)
 
 
@@ -89,11 +111,12 @@ def digit_values(path, image, label):
         )
     ax.set_title(f"training image, label {label}: raw pixel values")
     ax.axis("off")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.96)
     save(fig, path)
 
 
 def save(fig, path):
-    fig.tight_layout()
+    """Write the figure. Each sets its margins itself: tight_layout would draw every text once more."""
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -105,7 +128,8 @@ def main():
     x_test, _, _ = load_split("test")
     if p["digit_index"] >= len(x):
         raise PipelineError(f"params.yaml: plot.digit_index must be below {len(x)}, got {p['digit_index']}")
-    wrong = read_evaluation("misclassified.csv").head(p["misclassified"])
+    # index, actual, predicted (and confidence, unused) of the first misclassified test images
+    wrong = read_evaluation("misclassified.csv", usecols=(0, 1, 2), dtype=int)[: p["misclassified"]]
     with atomic_path(OUT) as out:
         out.mkdir()
         learning_curves(out / "learning_curves.png")
@@ -115,8 +139,8 @@ def main():
         digit_values(out / "digit.png", x[p["digit_index"]], names[y[p["digit_index"]]])
         digit_grid(
             out / "misclassified.png",
-            x_test[wrong["index"]],
-            [f"true {names[a]}\npred {names[b]}" for a, b in zip(wrong.actual, wrong.predicted, strict=True)],
+            x_test[wrong[:, 0]],
+            [f"true {names[a]}\npred {names[b]}" for _, a, b in wrong],
             f"misclassified test images (first {len(wrong)})",
         )
     print(f"plot: 5 figures in {OUT}")

@@ -23,6 +23,7 @@ from stages.common import (
     model_inputs,
     run,
     save_model,
+    threefry_dropout,
 )
 
 LIVE_DIR = Path("metrics/train")  # DVCLive: per-epoch history and final metrics
@@ -33,6 +34,7 @@ def build_model(p, image_shape=(28, 28), classes=10):
     """The model of p["type"]: the classic MLP or the Keras example "Simple MNIST convnet"."""
     import keras
 
+    dropout = threefry_dropout()
     if p["type"] == "cnn":
         # Conv blocks of `filters`, each halved by pooling, an optional Dense layer, dropout, the classifier.
         layers = [keras.Input((*image_shape, 1))]
@@ -45,12 +47,12 @@ def build_model(p, image_shape=(28, 28), classes=10):
         if p["dense_units"]:
             layers.append(keras.layers.Dense(p["dense_units"], activation=p["activation"]))
         if p["dropout"] > 0:
-            layers.append(keras.layers.Dropout(p["dropout"]))
+            layers.append(dropout(p["dropout"]))
     else:  # 784 -> [input Dropout] -> hidden_layers x (Dense hidden_units, activation, Dropout)
         layers = [keras.Input((math.prod(image_shape),))]
         # Absent keys mean no layer and no constraint: the model as it was before they existed.
         if p.get("input_dropout", 0) > 0:
-            layers.append(keras.layers.Dropout(p["input_dropout"]))
+            layers.append(dropout(p["input_dropout"]))
         limit = p.get("max_norm")  # Srivastava et al. 2014: each unit's incoming weights kept in a ball
         norm = keras.constraints.MaxNorm(limit) if limit is not None else None
         for _ in range(p["hidden_layers"]):
@@ -58,7 +60,7 @@ def build_model(p, image_shape=(28, 28), classes=10):
                 keras.layers.Dense(p["hidden_units"], activation=p["activation"], kernel_constraint=norm)
             )
             if p["dropout"] > 0:
-                layers.append(keras.layers.Dropout(p["dropout"]))
+                layers.append(dropout(p["dropout"]))
     # float32 softmax even under mixed precision, where bfloat16 probabilities would be too coarse.
     layers.append(keras.layers.Dense(classes, activation="softmax", dtype="float32"))
     return keras.Sequential(layers, name=p["type"])
@@ -76,7 +78,8 @@ def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
     images, labels = tf.constant(model_inputs(model, x)), tf.constant(y.astype("int32"))
     weights = model.trainable_weights
-    full = len(x) // batch_size  # the last, smaller batch gets a call of its own (static shapes)
+    n = len(x)
+    full = n // batch_size  # the last, smaller batch gets a call of its own (static shapes)
 
     def step(idx):
         xb, yb = tf.cast(tf.gather(images, idx), "float32") / divisor, tf.gather(labels, idx)
@@ -103,10 +106,10 @@ def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
 
     def train_epoch(order):
         total, hits = full_batches(order)
-        if full * batch_size < len(x):
+        if full * batch_size < n:
             loss, right = last_batch(order[full * batch_size :])
             total, hits = total + loss, hits + right
-        return float(total) / len(x), float(hits) / len(x)
+        return float(total) / n, float(hits) / n
 
     @tf.function(jit_compile=jit_compile)
     def evaluate_call(xs, ys):
@@ -148,6 +151,7 @@ def train(params, splits, model_path, live_dir):
     tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(t["precision"])
     (x, y, divisor), (x_val, y_val, _) = splits
+    n = len(x)
     model = build_model(params["model"], image_shape=x.shape[1:])
     # XLA fuses the MLP's element-wise passes; the CNN cannot use it (check_cnn, README "A CNN").
     jit = t["jit_compile"] if t["jit_compile"] != "auto" else params["model"]["type"] == "mlp"
@@ -160,7 +164,11 @@ def train(params, splits, model_path, live_dir):
     optimizer.build(model.trainable_weights)  # its slots must exist before tracing
     train_epoch, evaluate = make_steps(model, optimizer, x, y, divisor, t["batch_size"], jit)
     val = (tf.constant(model_inputs(model, x_val)), tf.constant(y_val.astype("int32")))
-    samples, best, seconds = tf.range(len(x)), None, []
+    # TensorFlow holds copies of the splits now; the NumPy ones would only add to the peak RSS,
+    # which comes later, while XLA compiles.
+    splits.clear()
+    del x, y, x_val, y_val
+    samples, best, seconds = tf.range(n), None, []
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
         start = time.perf_counter()
         for epoch in range(t["epochs"]):
@@ -191,7 +199,7 @@ def train(params, splits, model_path, live_dir):
             train_seconds=round(total, 2),  # the epoch loop: training, validation, checkpoints
             first_epoch_seconds=round(seconds[0], 3),  # includes tracing and XLA compilation
             epoch_seconds=round(statistics.median(seconds[1:] or seconds), 3),  # median of the rest
-            samples_per_second=round(len(x) * t["epochs"] / total, 1),
+            samples_per_second=round(n * t["epochs"] / total, 1),
             jit_compile=jit,  # as run: `auto` resolved
         )
     return model, live.summary
@@ -272,7 +280,7 @@ def main():
     params = load_params("seed", "model", "train")  # before TensorFlow: a typo fails in milliseconds
     if params["model"]["type"] == "cnn":
         check_cnn(params["model"], params["train"])
-    splits = load_split("train"), load_split("val")
+    splits = [load_split("train"), load_split("val")]  # a list: train() releases them
     check_size(params, len(splits[0][1]))
     with atomic_path(MODEL_FILE) as model_path, atomic_path(LIVE_DIR) as live_dir:
         model, summary = train(params, splits, model_path, live_dir)

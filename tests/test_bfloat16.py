@@ -3,6 +3,8 @@
 import json
 import math
 
+from stages.common import read_model
+
 import numpy as np
 import pytest
 from conftest import run_stage, set_params
@@ -14,7 +16,7 @@ def test_mixed_bfloat16_trains_with_a_float32_output(prepared, jit):
     run_stage("train", prepared)
     import keras
 
-    model = keras.saving.load_model(prepared / "data/model.keras", safe_mode=True)
+    model = read_model(prepared / "data/model.keras")
     *hidden, output = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     assert len(hidden) == 2
     for layer in hidden:  # mixed: bfloat16 arithmetic on float32 weights

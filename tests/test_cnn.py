@@ -3,6 +3,8 @@
 import json
 import sys
 
+from stages.common import read_model
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,7 +23,7 @@ def cnn(prepared):
 
 
 def test_the_cnn_trains_evaluates_and_plots(cnn):
-    keras = pytest.importorskip("keras")
+    pytest.importorskip("keras")
     work, out = cnn
     metrics = json.loads((work / "metrics/train/metrics.json").read_text())
     assert metrics["params"] == KERAS_EXAMPLE_PARAMS
@@ -30,7 +32,7 @@ def test_the_cnn_trains_evaluates_and_plots(cnn):
     assert "Conv2D" in (work / "metrics/model_summary.txt").read_text()
 
     # evaluate fed the checkpoint images of shape (28, 28, 1): its accuracy is the model's own on them
-    model = keras.saving.load_model(work / "data/model.keras")
+    model = read_model(work / "data/model.keras")
     assert model.input_shape == (None, 28, 28, 1)
     with np.load(work / "data/prepared/test.npz") as f:
         x, y, divisor = f["x"], f["y"], float(f["divisor"])

@@ -7,7 +7,7 @@ says what holds across machines.
 import json
 import shutil
 
-from stages.common import load_split
+from stages.common import load_split, read_model
 
 import numpy as np
 from conftest import run_stage
@@ -31,9 +31,7 @@ def test_two_forced_runs_give_identical_weights_and_metrics(repro_project, tmp_p
     # The archive itself: no save date, fixed timestamps, no memory addresses.
     assert (first / "model.keras").read_bytes() == (second / "model.keras").read_bytes()
 
-    import keras
-
-    models = [keras.saving.load_model(run / "model.keras", safe_mode=True) for run in (first, second)]
+    models = [read_model(run / "model.keras") for run in (first, second)]
     a, b = (model.get_weights() for model in models)
     assert len(a) == len(b) == 6  # 2 hidden layers + output: kernel and bias each
     for wa, wb in zip(a, b, strict=True):

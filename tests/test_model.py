@@ -7,6 +7,8 @@ import pytest
 from conftest import ROOT
 
 keras = pytest.importorskip("keras")
+from stages.common import threefry_dropout  # noqa: E402
+
 from stages.train import build_model  # noqa: E402
 
 
@@ -39,7 +41,7 @@ def test_baseline_is_the_classic_mlp(baseline):
     assert model.input_shape == (None, 784)
     assert model.output_shape == (None, 10)
     kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds == ["Dense", "Dropout", "Dense", "Dropout", "Dense"]
+    assert kinds == ["Dense", "ThreeFryDropout", "Dense", "ThreeFryDropout", "Dense"]
     dense = layers_of(model, keras.layers.Dense)
     assert [d.units for d in dense] == [512, 512, 10]
     assert [d.activation.__name__ for d in dense] == ["relu", "relu", "softmax"]
@@ -82,7 +84,7 @@ def test_dropout_rate_follows_params(baseline):
     model = build_model({**baseline, "dropout": 0.5, "hidden_layers": 3})
     assert [d.rate for d in layers_of(model, keras.layers.Dropout)] == [0.5, 0.5, 0.5]
     kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds == ["Dense", "Dropout"] * 3 + ["Dense"]
+    assert kinds == ["Dense", "ThreeFryDropout"] * 3 + ["Dense"]
 
 
 def test_image_shape_and_classes_are_arguments(baseline):
@@ -120,16 +122,16 @@ def test_every_allowed_optimizer_is_a_keras_optimizer(name):
 
 def test_the_mlp_is_the_one_main_built_before_the_cnn(baseline):
     """Adding the CNN changed nothing of the MLP: same config, layer names and initial weights as
-    the builder of main before model.type existed (written out here), so dvc.lock's MLP reproduces."""
+    the builder of main before model.type existed (written out here, with its Dropout now ThreeFry's)."""
     keras.backend.clear_session()  # layer names count up per session: start both from "dense"
     keras.utils.set_random_seed(0)
     old = keras.Sequential(
         [
             keras.Input((784,)),
             keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dropout(0.2),
+            threefry_dropout()(0.2),
             keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dropout(0.2),
+            threefry_dropout()(0.2),
             keras.layers.Dense(10, activation="softmax", dtype="float32"),
         ],
         name="mlp",
@@ -145,7 +147,8 @@ def test_the_mlp_is_the_one_main_built_before_the_cnn(baseline):
 def test_the_cnn_is_the_keras_simple_mnist_convnet(baseline):
     model = build_model({**baseline, "type": "cnn", "dropout": 0.5})
     kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dropout", "Dense"]
+    conv = ["Conv2D", "MaxPooling2D"] * 2
+    assert kinds == [*conv, "Flatten", "ThreeFryDropout", "Dense"]
     assert model.input_shape == (None, 28, 28, 1)
     # conv 3x3x1x32 + 32, conv 3x3x32x64 + 64, then 28 -> 26 -> 13 -> 11 -> 5: 5x5x64 inputs to 10 classes
     assert model.count_params() == (9 * 32 + 32) + (9 * 32 * 64 + 64) + (5 * 5 * 64 * 10 + 10) == 34_826
@@ -166,7 +169,7 @@ def test_cnn_blocks_kernel_and_dropout_follow_params(baseline):
 def test_cnn_dense_units_add_one_dense_layer_before_dropout(baseline):
     model = build_model({**baseline, "type": "cnn", "dropout": 0.5, "dense_units": 128, "activation": "gelu"})
     kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds[4:] == ["Flatten", "Dense", "Dropout", "Dense"]
+    assert kinds[4:] == ["Flatten", "Dense", "ThreeFryDropout", "Dense"]
     hidden = model.layers[5]
     assert hidden.units == 128 and hidden.activation.__name__ == "gelu"
     # the Keras example's convs, then 5x5x64 -> 128 -> 10

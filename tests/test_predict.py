@@ -3,7 +3,7 @@
 import json
 import sys
 
-from stages.common import PipelineError, save_split
+from stages.common import PipelineError, read_model, save_split
 
 import numpy as np
 import pytest
@@ -246,7 +246,6 @@ def test_bad_dataset_param(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_rendered_test_digits_match_the_arrays(tmp_path, mirror):
-    import keras
 
     work = copy_project(tmp_path / "project", overrides={"train.epochs": 3}, git=False)
     run_stage("download", work, env={"MNIST_MIRROR": mirror})
@@ -255,7 +254,7 @@ def test_rendered_test_digits_match_the_arrays(tmp_path, mirror):
     with np.load(work / "data/prepared/test.npz") as f:
         x, y, divisor = f["x"], f["y"], float(f["divisor"])
     pick = np.random.default_rng(0).choice(len(x), 300, replace=False)
-    model = keras.saving.load_model(work / "data/model.keras")
+    model = read_model(work / "data/model.keras")
     from_arrays = model.predict(x[pick].reshape(300, -1) / divisor, verbose=0).argmax(axis=1)
     files = []
     for i in pick:  # dark ink on white paper, 200x200 px, as a scan or a drawing program gives

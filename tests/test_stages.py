@@ -5,7 +5,7 @@ import shutil
 import struct
 import sys
 
-from stages.common import CLASS_NAMES
+from stages.common import CLASS_NAMES, read_model
 
 import matplotlib
 import numpy as np
@@ -83,7 +83,7 @@ def test_train_model_summary(done):
 def keras_predict(work, split):
     """The saved model's probabilities on a prepared split, and Keras's own cross-entropy of them."""
     keras = pytest.importorskip("keras")
-    model = keras.saving.load_model(work / "data" / "model.keras")
+    model = read_model(work / "data" / "model.keras")
     with np.load(work / f"data/prepared/{split}.npz") as f:
         x, y, divisor = f["x"], f["y"], float(f["divisor"])
     probs = np.asarray(model.predict(x.reshape(len(x), -1).astype("float32") / divisor, verbose=0))

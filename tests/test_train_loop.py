@@ -90,13 +90,13 @@ def test_validation_in_slices_matches_one_call(monkeypatch):
 
 
 def test_the_studys_models_validate_within_the_memory_budget():
-    """The 784-512-512-10 MLP keeps one call per split (its metrics unchanged); the CNN's 12,000
-    validation images, 1.9 GB of conv maps in one call, are sliced under EVAL_FLOATS."""
+    """Validation in slices under EVAL_FLOATS: the 784-512-512-10 MLP's 12,000 images in a few calls,
+    the CNN's (1.9 GB of conv maps in one call) in many."""
     from stages.common import EVAL_FLOATS, eval_rows
 
     base = {"activation": "relu", "dropout": 0.2, "hidden_layers": 2}
     mlp = build_model({**base, "type": "mlp", "hidden_units": 512})
-    assert eval_rows(mlp, 12_000) == 12_000
+    assert 1000 < eval_rows(mlp, 12_000) < 12_000
     cnn = build_model(
         {**base, "type": "cnn", "filters": [32, 64], "kernel_size": 3, "padding": "valid", "dense_units": 0}
     )
