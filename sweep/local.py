@@ -79,17 +79,33 @@ def data_paths():
     return {k: str(Path(v).resolve()) for k, v in given.items() if "://" not in v and Path(v).exists()}
 
 
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Ctrl-C held back until the block ends, so that a run started inside is in `running` (where
+    stop() finds it) before the KeyboardInterrupt comes; a run left out would finish on its own."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def unblock_ctrl_c():  # in the child, before exec: a blocked signal mask is inherited
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def start(name, overrides, jobs):
     """Start one `dvc exp run --temp` in its own process group; with jobs > 1 its output goes to a log."""
     cmd = ["dvc", "exp", "run", "--temp", "-n", name, *study.dvc_set_args(overrides)]
     env = {**os.environ, **data_paths()}
+    group = {"start_new_session": True, "preexec_fn": unblock_ctrl_c}
     if jobs == 1:
-        return subprocess.Popen(cmd, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, **group)
     # Runs share the cores: each trains with its share of threads rather than all of them.
     env["TRAIN_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
     LOGS.mkdir(parents=True, exist_ok=True)
     with open(LOGS / f"{name}.log", "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **group)
 
 
 def last_lines(name, jobs):
@@ -139,7 +155,8 @@ def run_all(todo, jobs, timeout, done, problems, more=None):
                 name, overrides = pending.pop(0)
                 started += 1
                 print(f"\n=== [{started}/{started + len(pending)}] {name}", flush=True)
-                running[name] = (start(name, overrides, jobs), time.monotonic())
+                with ctrl_c_held():
+                    running[name] = (start(name, overrides, jobs), time.monotonic())
             time.sleep(0.5)
             for name, (proc, began) in list(running.items()):
                 code, took = proc.poll(), time.monotonic() - began

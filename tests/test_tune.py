@@ -220,10 +220,10 @@ def test_default_params_train_the_model_they_trained_before(prepared, tmp_path, 
     }
     assert (params["model"]["input_dropout"], params["model"]["max_norm"]) == (0, None)
     assert params["train"]["lr_schedule"] == "constant"
-    splits = load_split("train"), load_split("val")
     models = []
     for name, p in (("new", params), ("old", old)):
         keras.backend.clear_session()  # layer names restart, as in a process of its own
+        splits = [load_split("train"), load_split("val")]  # train() releases them
         train(p, splits, tmp_path / f"{name}.keras", tmp_path / f"{name}-live")
         models.append((tmp_path / f"{name}.keras").read_bytes())
     assert models[0] == models[1]
@@ -247,13 +247,13 @@ def test_the_new_params_do_what_params_yaml_says(prepared, tmp_path, monkeypatch
     params["model"].update(input_dropout=0.2, max_norm=0.5)
     params["train"].update(optimizer="adam", learning_rate=0.01, lr_schedule="cosine")
     kinds = [type(layer).__name__ for layer in build_model(params["model"]).layers]
-    assert kinds == ["Dropout", "Dense", "Dropout", "Dense", "Dropout", "Dense"]
-    splits = load_split("train"), load_split("val")
+    assert kinds == ["ThreeFryDropout", "Dense", "ThreeFryDropout", "Dense", "ThreeFryDropout", "Dense"]
+    splits = [load_split("train"), load_split("val")]
+    steps = -(-len(splits[0][1]) // params["train"]["batch_size"])  # batches per epoch, the last one short
     model, _ = train(params, splits, tmp_path / "m.keras", tmp_path / "live")
     hidden = [layer.kernel.numpy() for layer in model.layers if isinstance(layer, keras.layers.Dense)][:-1]
     assert all(np.linalg.norm(kernel, axis=0).max() <= 0.5 + 1e-6 for kernel in hidden)
     assert float(made[-1].learning_rate) == pytest.approx(0, abs=1e-9)
-    steps = -(-len(splits[0][1]) // params["train"]["batch_size"])  # batches per epoch, the last one short
     assert int(made[-1].iterations) == params["train"]["epochs"] * steps
 
 
