@@ -8,12 +8,15 @@ repo (as on CI and the team's machines), or the repo's own data/raw after `make 
 Tests never contact a public host.
 """
 
+import contextlib
 import gzip
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +108,43 @@ def synthetic_env(tmp_path_factory):
         env[f"{prefix}_MIRROR"] = str(directory)
         env[f"{prefix}_SHA256SUMS"] = str(directory / "SHA256SUMS")
     return env
+
+
+@contextlib.contextmanager
+def from_a_terminal(cmd, cwd, env, log):
+    """cmd, its output to the file `log`, in a session of its own with Ctrl-C's default action, as a
+    shell started from a terminal runs it (ctrl_c() below); killed at the end if still running."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def ctrl_c(proc, timeout=120):
+    """What Ctrl-C does to a command started from a terminal: SIGINT to its whole session; its exit status."""
+    os.killpg(proc.pid, signal.SIGINT)
+    return proc.wait(timeout=timeout)
+
+
+def wait_while_running(proc, ready, timeout, why):
+    """Poll until ready(); fail with why() if proc ends or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, why()
+        time.sleep(0.2)
+
+
+def logged_an_epoch(project):
+    """Whether the train stage running in `project` has logged an epoch (under DVC's temporary name)."""
+    tsvs = project.glob("metrics/.tmp-*-train/plots/metrics/train/loss.tsv")
+    return any(len(p.read_text().splitlines()) > 1 for p in tsvs)
 
 
 def run(args, cwd, check=True, env=None, **kwargs):

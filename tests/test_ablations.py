@@ -7,17 +7,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, copy_project, git_init, run
+from conftest import ROOT, copy_project, ctrl_c, from_a_terminal, git_init, run, wait_while_running
 
 from sweep import study
 
@@ -219,16 +216,8 @@ def test_ctrl_c_and_a_second_study(toy, tmp_path):
     env = {**ENV, "HANG_SEED": "1", "MARKS": str(marks)}
     log = tmp_path / "make.log"
     cmd = ["make", "--no-print-directory", "ablations", "JOBS=2", "SEEDS=0 1", f"VENV={ROOT / '.venv'}"]
-    with open(log, "w") as out:  # a shell of its own, Ctrl-C as a terminal sends it (to every process)
-        first = subprocess.Popen(
-            cmd, cwd=toy, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while len(list(marks.iterdir())) < 2:
-            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
+    with from_a_terminal(cmd, toy, env, log) as first:
+        wait_while_running(first, lambda: len(list(marks.iterdir())) == 2, 300, log.read_text)
 
         second = local(toy, "--seeds", "0 1", code=1)
         owner = json.loads((toy / ".dvc/tmp/study.lock").read_text())
@@ -236,12 +225,7 @@ def test_ctrl_c_and_a_second_study(toy, tmp_path):
             f"{owner['command']}); wait for it to end, or stop it with Ctrl-C there\n"
         )
         assert "sweep/local.py --jobs 2 --seeds 0 1" in owner["command"]
-
-        os.killpg(first.pid, signal.SIGINT)
-        code = first.wait(timeout=120)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+        code = ctrl_c(first)
     out = log.read_text()
     assert code != 0 and "Traceback" not in out and "make ablations` first" not in out, out
     stopped = [line for line in out.splitlines() if line.startswith("interrupted:")]

@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_reproduced, run, set_params
+from conftest import copy_reproduced, logged_an_epoch, run, set_params, wait_while_running
 
 
 def dvc(args, work, check=True):
@@ -152,13 +151,7 @@ def test_sigkill_mid_training_leaves_no_partial_output_and_repro_recovers(repo):
         start_new_session=True,  # its own process group, killed as a whole below
     )
     try:
-        deadline = time.monotonic() + 120
-        while not any(
-            len(p.read_text().splitlines()) > 1
-            for p in work.glob("metrics/.tmp-*-train/plots/metrics/train/loss.tsv")
-        ):
-            assert proc.poll() is None and time.monotonic() < deadline, "training never logged an epoch"
-            time.sleep(0.1)
+        wait_while_running(proc, lambda: logged_an_epoch(work), 120, lambda: "training never logged an epoch")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

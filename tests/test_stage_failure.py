@@ -11,11 +11,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, copy_reproduced, run, set_params
+from conftest import copy_project, copy_reproduced, logged_an_epoch, run, set_params, wait_while_running
 
 DVC = str(Path(sys.executable).parent / "dvc")
 BROUGHT_BACK = re.compile(
@@ -89,13 +88,8 @@ def test_ctrl_c_in_train_names_the_command_that_restores_its_outputs(committed):
         [DVC, "repro"], cwd=committed, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 120
-        while not any(
-            len(p.read_text().splitlines()) > 1
-            for p in committed.glob("metrics/.tmp-*-train/plots/metrics/train/loss.tsv")
-        ):
-            assert proc.poll() is None and time.monotonic() < deadline, "training never logged an epoch"
-            time.sleep(0.1)
+        trained = lambda: logged_an_epoch(committed)  # noqa: E731
+        wait_while_running(proc, trained, 120, lambda: "training never logged an epoch")
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: DVC and the stage, one process group
         _, stderr = proc.communicate(timeout=60)
     finally:

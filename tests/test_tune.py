@@ -3,15 +3,11 @@ through `make tune`; then a TensorFlow-free toy stage (as tests/test_ablations.p
 itself: the objective, a finished search not re-run, a failing trial, Ctrl-C and resume."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import yaml
-from conftest import copy_project, git_init, run
+from conftest import copy_project, ctrl_c, from_a_terminal, git_init, run, wait_while_running
 from test_ablations import ENV, exp_show, found, make, processes_in, with_make_and_study
 
 optuna = pytest.importorskip("optuna")
@@ -163,22 +159,11 @@ def test_ctrl_c_then_again_finishes_the_planned_trials(toy, tmp_path):
     env = {**ENV, "HANG_TRIAL": "tune-001", "MARKS": str(marks)}
     cmd = [sys.executable, "-m", "sweep.tune", "--trials", "4", "--jobs", "2"]
     log = tmp_path / "tune.log"
-    with open(log, "w") as out:  # a session of its own, Ctrl-C sent to all of it as a terminal does
-        first = subprocess.Popen(
-            cmd, cwd=toy, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        # tune-001 hangs, and tune-000 has ended: the interrupted search has one trial of each kind
-        while not (marks / "tune-001").exists() or "tune-000: best_val_accuracy" not in log.read_text():
-            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
-        os.killpg(first.pid, signal.SIGINT)
-        code = first.wait(timeout=120)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+    # tune-001 hangs, and tune-000 has ended: the interrupted search has one trial of each kind
+    both = lambda: (marks / "tune-001").exists() and "tune-000: best_val_accuracy" in log.read_text()  # noqa: E731
+    with from_a_terminal(cmd, toy, env, log) as first:
+        wait_while_running(first, both, 300, log.read_text)
+        code = ctrl_c(first)
     text = log.read_text()
     assert code == 130 and "Traceback" not in text and "interrupted:" in text, text
     before = {name: exp["rev"] for name, exp in found(toy).items()}
