@@ -129,14 +129,8 @@ def join(env, cpus):
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
         fail(f"cannot join the Ray cluster at {address}: {e}")
-    offered = sorted({node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]})
-    most = max(offered, default=0)
-    if most < cpus:
-        fix = f"make ablations CPUS={most:g}, or start" if most else "start"
-        fail(
-            f"a run asks for {cpus:g} CPUs (CPUS={cpus:g}) but the nodes of {address} offer "
-            f"{' or '.join(f'{c:g}' for c in offered) or 'none'} each; {fix} nodes with --num-cpus={cpus:g}"
-        )
+    offered = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    study.check_cpus(offered, cpus, address)
 
 
 def fan_out(todo, args, argv_of, more=None):

@@ -111,6 +111,19 @@ def add_cluster_args(parser):
     parser.add_argument("--retries", type=int, default=3, help="with Ray: tries of a run whose node dies")
 
 
+def check_cpus(offered, cpus, address):
+    """Fail unless one of the nodes offering `offered` CPUs each can take a run of `cpus`: Ray would
+    keep such a task queued for as long as one waits, with no message."""
+    offered = sorted(set(offered))
+    most = max(offered, default=0)
+    if most < cpus:
+        fix = f"make ablations CPUS={most:g}, or start" if most else "start"
+        fail(
+            f"a run asks for {cpus:g} CPUs (CPUS={cpus:g}) but the nodes of {address} offer "
+            f"{' or '.join(f'{c:g}' for c in offered) or 'none'} each; {fix} nodes with --num-cpus={cpus:g}"
+        )
+
+
 def selected_runs(args):
     """(the study, its runs()) for the --study, --seeds and --only that add_selection_args parsed."""
     study = load_study(args.study)

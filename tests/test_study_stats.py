@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT
 
 from sweep.stats import summarize, verdict
-from sweep.study import runs
+from sweep.study import check_cpus, runs
 
 T4 = 2.7764451051977987  # Student's t, 97.5% quantile, 4 degrees of freedom (printed tables: 2.776)
 T1 = 12.706204736174704  # the same with 1 degree of freedom (tables: 12.706)
@@ -263,3 +263,22 @@ def test_study_seeds_are_checked(tmp_path, seeds, message):
     )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("error: a.yaml: " + message) and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("offered", "fix"),
+    [
+        ([1, 1], "make ablations CPUS=1, or start nodes with --num-cpus=2"),
+        ([], "start nodes with --num-cpus=2"),
+    ],
+)
+def test_a_run_no_node_can_take_is_refused_with_the_fix(offered, fix):
+    """What the cluster's nodes offer against what a run asks (tests/test_cluster.py: on a real cluster)."""
+    check_cpus([1, 2], 2, "h:1")  # one node that can take it is enough
+    each = " or ".join(map(str, sorted(set(offered)))) or "none"
+    with pytest.raises(SystemExit) as refused:
+        check_cpus(offered, 2, "h:1")
+    assert (
+        str(refused.value)
+        == f"error: a run asks for 2 CPUs (CPUS=2) but the nodes of h:1 offer {each} each; {fix}"
+    )
