@@ -84,9 +84,10 @@ def test_failed_stage_names_the_command_that_restores_its_outputs(
 def test_ctrl_c_in_train_names_the_command_that_restores_its_outputs(committed):
     set_params(committed, {"train.epochs": 100_000})  # the interrupt always lands mid-training
     env = {**os.environ, "PATH": f"{Path(DVC).parent}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        [DVC, "repro"], cwd=committed, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = subprocess.Popen(  # as from a terminal: a session of its own, Ctrl-C's default action
+        [DVC, "repro"], cwd=committed, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         trained = lambda: logged_an_epoch(committed)  # noqa: E731
         wait_while_running(proc, trained, 120, lambda: "training never logged an epoch")
