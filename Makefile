@@ -87,7 +87,7 @@ tune: setup  ## search the MLP's hyperparameters with Optuna (TRIALS=N) and writ
 	python -m sweep.tune_report
 
 # The train stage against the plain Keras script on TensorFlow and on JAX, interleaved, with the
-# machine's matmul rate: benchmarks/results.{json,md} (about 25 minutes on 2 cores). QUICK=1 shrinks
+# machine's matmul rate: benchmarks/results.{json,md} (about 15 minutes on 2 cores). QUICK=1 shrinks
 # data and epochs (minutes, to check the code; not figures to quote); PROFILE=1 adds where an MLP
 # epoch's time goes. JAX is the benchmark's own dependency, kept out of `make repro`'s .venv until here.
 .PHONY: bench setup-bench
