@@ -105,8 +105,9 @@ def ci(interval, spec):
     return NONE if interval is None else f"{interval[0]:{spec}} to {interval[1]:{spec}}"
 
 
-def markdown(header, rows):
-    rule = ["---" if col in LEFT else "---:" for col in header]
+def markdown(header, rows, left=LEFT):
+    """A Markdown table; the columns named in `left` align left, the others (numbers) right."""
+    rule = ["---" if col in left else "---:" for col in header]
     return "\n".join("| " + " | ".join(map(str, row)) + " |" for row in (header, rule, *rows))
 
 

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep import study, tune
+from sweep.report import markdown
 
 # The published MLP of this family closest to what the search may find, for the variant's `reference:`
 REFERENCE = "{test_accuracy: 0.9894, source: 'Srivastava et al. 2014 (JMLR) Table 2, 3x1024 max-norm'}"
@@ -39,14 +40,13 @@ def short(value):
 
 def table(search, keys):
     retries = {t.user_attrs.get("retry_of"): tune.trial_name(t.number) for t in search.trials}
-    rows = [["trial", tune.OBJECTIVE[1], "minutes", *keys, "state"]]
+    header, rows = ["trial", tune.OBJECTIVE[1], "minutes", *keys, "state"], []
     for t in search.trials:
         minutes = f"{t.duration.total_seconds() / 60:.1f}" if t.duration else ""
         value = f"{t.value:.4f}" if t.value is not None else ""
         params = [study.format_value(short(t.params[k])) if k in t.params else "" for k in keys]
         rows.append([tune.trial_name(t.number), value, minutes, *params, state(t, retries)])
-    rows.insert(1, ["---"] * len(rows[0]))
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return markdown(header, rows, left=header)
 
 
 def variant(best):
