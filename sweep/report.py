@@ -263,7 +263,8 @@ def accuracy_figure(frame, summary, path):
     ax.set_xscale("symlog", linthresh=1)  # tenths of a point and tens of points on one axis
     ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
     ax.set_yticks(range(len(others)), [f"{s['variant']}\nvs {s['compare_to']}" for s in others])
-    ax.set_ylim(len(others) - 0.5, -0.5)  # study order, top down
+    # study order, top down; one empty row when nothing ran beside its compared variant
+    ax.set_ylim(max(len(others), 1) - 0.5, -0.5)
     ax.set(
         xlabel="test accuracy minus the compared variant's at the same seed (pp; linear within ±1, log out)",
         title="Difference from the compared variant (the baseline unless `compare_to`), paired by seed",

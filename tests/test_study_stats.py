@@ -173,6 +173,24 @@ def fashion_runs(path):
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
+def test_a_variant_without_its_compared_one_reports_cleanly(tmp_path):
+    """`make report ONLY=no-dropout`: nothing to pair with, said in the report, and no raw warning
+    (the figure's empty row of differences once made matplotlib print one)."""
+    (tmp_path / "ablations.yaml").write_text((ROOT / "ablations.yaml").read_text())
+    row = {"name": "no-dropout-s0", "variant": "no-dropout", "seed": 0, "model.dropout": "0"}
+    row |= {"test_accuracy": 0.9789, "test_loss": 0.079, "best_epoch": 3, "loss": 0.02, "accuracy": 0.99}
+    row |= {"val_loss": 0.08, "val_accuracy": 0.98, "train_seconds": 40.0, "params": 669706}
+    pd.DataFrame([row | {"rev": "0" * 40}]).to_csv(tmp_path / "runs.csv", index=False)
+    cmd = [sys.executable, "-m", "sweep.report", "--from-csv", "runs.csv", "--seeds", "0"]
+    proc = subprocess.run(
+        [*cmd, "--only", "no-dropout", "--out", "out"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (0, "")
+    text = (tmp_path / "out/ablations.md").read_text()
+    assert "the baseline has not run, so nothing is compared with it" in text
+
+
 def test_partial_reference_and_compare_to(tmp_path):
     """A variant paired with the one it names (not the baseline), references of test accuracy only."""
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2], "experiments": FASHION}))
