@@ -10,16 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
-from conftest import set_params
+from stages.common import save_model
+
+import pytest
+from conftest import logged_an_epoch, set_params
 
 EPOCHS = 100_000  # far more than the test waits for: the kill always lands mid-training
-
-
-def history_rows(work):
-    """Epochs DVCLive has logged so far, in the train stage's temporary output directory."""
-    logs = list(work.glob("metrics/.tmp-*-train/plots/metrics/train/loss.tsv"))
-    return len(logs[0].read_text().splitlines()) - 1 if logs else 0
 
 
 def start_training(work):
@@ -32,9 +30,10 @@ def start_training(work):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, even
+    )  # when this suite was started in the background, where SIGINT is inherited ignored
     deadline = time.monotonic() + 120
-    while history_rows(work) < 1:
+    while not logged_an_epoch(work):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"training never logged an epoch:\n{proc.communicate()[1]}")
@@ -60,3 +59,22 @@ def test_ctrl_c_mid_training_ends_in_one_line_and_leaves_no_output(prepared):
     assert not (prepared / "metrics/model_summary.txt").exists()
     assert sorted(p.name for p in (prepared / "data").iterdir()) == ["prepared", "raw"]
     assert not (prepared / "metrics").exists() or not any((prepared / "metrics").iterdir())
+
+
+class SwallowingSave:
+    """A model whose save catches everything, as Keras's does around its weights file (a bare
+    `except:` in saving_lib), and receives Ctrl-C right there."""
+
+    def save(self, path):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here, inside the try
+        except:  # noqa: E722
+            pass
+        zipfile.ZipFile(path, "w").close()
+
+
+def test_ctrl_c_during_a_checkpoint_save_is_not_lost(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        save_model(SwallowingSave(), tmp_path / "model.keras")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
