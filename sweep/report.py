@@ -209,7 +209,7 @@ def since(summary, variants, rev):
     each variant's mean then and now, its paired difference and verdict then and now."""
     what = f"no reports/ablations.csv at {rev}"
     old = pd.read_csv(io.StringIO(study.sh("git", "show", f"{rev}:reports/ablations.csv", what=what)))
-    subject = study.sh("git", "log", "-1", "--format=%h (%s)", rev)
+    subject = study.sh("git", "log", "-1", "--format=%h (%as)", rev)
     then = {s["variant"]: s for s in summarize(old, variants)}
     rows, moved = [], []
     for s in summary:
