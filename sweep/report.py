@@ -196,7 +196,37 @@ def paragraph(s, exp, runs):
     return " ".join(text)
 
 
-def render(frame, variants, missing, figures):
+def outcome(s):
+    """The verdict of a summarize() row in one word or two."""
+    lo, hi = s.get("diff_ci") or (None, None)
+    if lo is None:
+        return NONE
+    return "better" if lo > 0 else "worse" if hi < 0 else "no difference"
+
+
+def since(summary, variants, rev):
+    """The section that sets this study beside the one committed at `rev` (its reports/ablations.csv):
+    each variant's mean then and now, its paired difference and verdict then and now."""
+    what = f"no reports/ablations.csv at {rev}"
+    old = pd.read_csv(io.StringIO(study.sh("git", "show", f"{rev}:reports/ablations.csv", what=what)))
+    subject = study.sh("git", "log", "-1", "--format=%h (%as)", rev)
+    then = {s["variant"]: s for s in summarize(old, variants)}
+    rows, moved = [], []
+    for s in summary:
+        t = then.get(s["variant"], {})
+        was, now = (outcome(t) if t else NONE), outcome(s)
+        if t and "diff" in s and was != now:
+            moved.append(f"{s['variant']} ({was} -> {now})")
+        mean = cell(t.get("acc_mean"), ".2f") + "%" if t else NONE
+        rows.append([s["variant"], mean, f"{s['acc_mean']:.2f}%", cell(t.get("diff"), "+.2f"),
+                     cell(s.get("diff"), "+.2f"), was, now])  # fmt: skip
+    header = ["variant", "mean then", "mean now", "Δ then (pp)", "Δ now (pp)", "verdict then", "verdict now"]
+    left = ("variant", "verdict then", "verdict now")
+    verdicts = f"Verdicts that moved: {', '.join(moved)}." if moved else "No verdict moved."
+    return [f"## Since the study at {subject}", "", markdown(header, rows, left), "", verdicts, ""]
+
+
+def render(frame, variants, missing, figures, rev=None):
     summary = summarize(frame, variants)
     acc, loss, final = tables(frame, summary, variants)
     lines = [
@@ -219,6 +249,7 @@ def render(frame, variants, missing, figures):
     lines += ["## Test accuracy", "", acc, "", "## Test loss", "", loss, ""]
     lines += ["## Final epoch (mean over seeds) and cost", "", final, ""]
     lines += [f"![{alt}]({name})\n" for name, alt in figures.items()]
+    lines += since(summary, variants, rev) if rev else []
     lines += ["## Per variant", ""]
     by_name = {exp["name"]: exp for exp in variants}
     for s in summary:
@@ -311,6 +342,7 @@ def main(argv=None):
     study.add_selection_args(p, "report")
     p.add_argument("--out", default="reports", help="folder for the report, CSV and figures")
     p.add_argument("--from-csv", type=Path, help="recompute the report from this CSV (no curves figure)")
+    p.add_argument("--since", metavar="REV", help="add a section comparing with the study committed at REV")
     args = p.parse_args(argv)
     variants, selected = study.selected_runs(args)
     out = Path(args.out)
@@ -325,7 +357,7 @@ def main(argv=None):
         curves_figure(frame, out / "ablations_curves.png")
     frame = read_runs(args.from_csv or out / "ablations.csv")  # the report uses the CSV's numbers only
     missing = [name for name, _ in selected if name not in set(frame["name"])]
-    text, summary = render(frame, variants, missing, figures)
+    text, summary = render(frame, variants, missing, figures, args.since)
     accuracy_figure(frame, summary, out / "ablations.png")
     (out / "ablations.md").write_text(text)
     print(f"report: {len(frame)} runs in {out / 'ablations.md'}, {out / 'ablations.csv'} and the figures")

@@ -91,6 +91,13 @@ def main(argv=None):
     top = most_important(search, keys)
     figures(search, top, out)
     extra = ", ".join(sorted({t.user_attrs.get("set") for t in search.trials} - {"none", None}))
+    span = max(t.datetime_complete for t in done) - min(
+        t.datetime_start for t in search.trials if t.datetime_start
+    )
+    took = (
+        f"The search took {span.total_seconds() / 60:.0f} minutes from the first trial's start to the last"
+        " one's end (a search stopped and resumed counts its pause too)."
+    )
     smoke = [f"\n**Not full-size:** trials ran with the extra overrides {extra}."] if extra else []
     lines = [
         "# Tuning the MLP",
@@ -99,6 +106,8 @@ def main(argv=None):
         f" name, over the space of `{args.space}`; the objective, maximised, is `{tune.OBJECTIVE[1]}` of"
         f" `{tune.OBJECTIVE[0]}`: the validation accuracy of the checkpoint kept by validation loss. The"
         " test set chose nothing, so no test figure is shown here: the study confirms the winner (below).",
+        "",
+        took,
         *smoke,
         "",
         f"**Best: {tune.trial_name(best.number)}**, {tune.OBJECTIVE[1]} {best.value:.4f}"

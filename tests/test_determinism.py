@@ -1,4 +1,5 @@
-"""Same params, same seed, same machine: the same weights, metrics and model file, to the bit.
+"""Same params, same seed, same machine: the same weights, metrics and model file, to the bit, so a
+forced retrain keeps the model's hash and DVC skips what follows it.
 
 The default path (one XLA-compiled call per epoch) is what runs here; README "Reproducibility"
 says what holds across machines.
@@ -10,7 +11,8 @@ import shutil
 from stages.common import load_split, read_model
 
 import numpy as np
-from conftest import run_stage
+import yaml
+from conftest import run
 
 # wall-clock figures, the only expected difference
 TIMINGS = {"train_seconds", "first_epoch_seconds", "epoch_seconds", "samples_per_second"}
@@ -22,11 +24,24 @@ def keep(work, where):
     shutil.copytree(work / "metrics", where / "metrics")
 
 
+def model_hash(project):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "data/model.keras")
+
+
 def test_two_forced_runs_give_identical_weights_and_metrics(repro_project, tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
     keep(repro_project, first)  # the first training is the session's `dvc repro`
-    run_stage("train", repro_project)  # the stage overwrites its outputs: a forced re-run
+    before = model_hash(repro_project)
+    forced = run(["dvc", "repro", "-f", "-s", "train"], repro_project)
+    assert "Running stage 'train'" in forced.stdout
     keep(repro_project, second)
+
+    # DVC sees the same model: evaluate and plot have nothing to re-run.
+    assert model_hash(repro_project) == before
+    status = json.loads(run(["dvc", "status", "--json"], repro_project).stdout)
+    assert status == {}, status
+    assert "Running stage" not in run(["dvc", "repro"], repro_project).stdout
 
     # The archive itself: no save date, fixed timestamps, no memory addresses.
     assert (first / "model.keras").read_bytes() == (second / "model.keras").read_bytes()

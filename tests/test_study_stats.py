@@ -2,9 +2,11 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -300,3 +302,35 @@ def test_a_run_no_node_can_take_is_refused_with_the_fix(offered, fix):
         str(refused.value)
         == f"error: a run asks for 2 CPUs (CPUS=2) but the nodes of h:1 offer {each} each; {fix}"
     )
+
+
+def test_since_sets_the_study_beside_a_committed_one(tmp_path):
+    """`make report SINCE=REV`: each variant's mean and verdict then and now, and the verdicts that moved."""
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2], "experiments": FASHION}))
+    fashion_runs(tmp_path / "runs.csv")
+    then = pd.read_csv(tmp_path / "runs.csv")
+    cnn = then["variant"] == "fashion-cnn"
+    then.loc[cnn, "test_accuracy"] = then.loc[~cnn, "test_accuracy"].to_numpy() + np.array(
+        [0.002, -0.002, 0.0]
+    )
+    (tmp_path / "reports").mkdir()
+    then.to_csv(tmp_path / "reports/ablations.csv", index=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "reports"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "the old study"], cwd=tmp_path, check=True)
+    cmd = [sys.executable, "-m", "sweep.report", "--study", "study.yaml", "--from-csv", "runs.csv"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [*cmd, "--since", "HEAD", "--out", "out"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "out/ablations.md").read_text()
+    assert re.search(r"## Since the study at [0-9a-f]{7,} \(\d{4}-\d\d-\d\d\)\n", text)
+    # Then the CNN was 0.2, -0.2 and 0 points from the MLP: no difference; now 3.0 better.
+    assert "| fashion-cnn | 88.00% | 91.00% | +0.00 | +3.00 | no difference | better |" in text
+    assert "| fashion-mlp | 88.00% | 88.00% | n/a | n/a | n/a | n/a |" in text
+    assert "Verdicts that moved: fashion-cnn (no difference -> better)." in text
+    bad = subprocess.run([*cmd, "--since", "nope"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: no reports/ablations.csv at nope: ")
+    assert len(bad.stderr.strip().splitlines()) == 1
