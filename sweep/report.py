@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from sweep import study
-from sweep.stats import summarize
+from sweep.stats import direction, summarize
 from sweep.study import BASELINE
 
 FIRST = ("name", "variant", "seed")  # the CSV's first columns; then the overridden params, METRICS, rev
@@ -196,14 +196,6 @@ def paragraph(s, exp, runs):
     return " ".join(text)
 
 
-def outcome(s):
-    """The verdict of a summarize() row in one word or two."""
-    lo, hi = s.get("diff_ci") or (None, None)
-    if lo is None:
-        return NONE
-    return "better" if lo > 0 else "worse" if hi < 0 else "no difference"
-
-
 def since(summary, variants, rev):
     """The section that sets this study beside the one committed at `rev` (its reports/ablations.csv):
     each variant's mean then and now, its paired difference and verdict then and now."""
@@ -214,7 +206,7 @@ def since(summary, variants, rev):
     rows, moved = [], []
     for s in summary:
         t = then.get(s["variant"], {})
-        was, now = (outcome(t) if t else NONE), outcome(s)
+        was, now = (direction(t.get("diff_ci")) or NONE), direction(s.get("diff_ci")) or NONE
         if t and "diff" in s and was != now:
             moved.append(f"{s['variant']} ({was} -> {now})")
         mean = cell(t.get("acc_mean"), ".2f") + "%" if t else NONE

@@ -28,14 +28,21 @@ def spread(values):
     return n, values.mean(), values.std(ddof=1) if n > 1 else math.nan, values.min(), values.max()
 
 
+def direction(ci):
+    """better, worse or no difference, as a paired difference's confidence interval says; None without one."""
+    if ci is None:
+        return None
+    return "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no difference"
+
+
 def verdict(diff, ci):
     """Words for a paired difference in test accuracy (points) and its confidence interval."""
     if ci is None:
         return f"{diff:+.2f} points on one seed; no interval can be computed from a single pair"
     lo, hi = ci
-    if lo > 0:
+    if direction(ci) == "better":
         return f"better by {diff:.2f} points (95% CI {lo:.2f} to {hi:.2f})"
-    if hi < 0:
+    if direction(ci) == "worse":
         return f"worse by {-diff:.2f} points (95% CI {-hi:.2f} to {-lo:.2f})"
     return f"no difference detected; the interval is ±{(hi - lo) / 2:.2f} points ({lo:+.2f} to {hi:+.2f})"
 

@@ -86,9 +86,8 @@ def test_make_tune_on_the_pipeline(tmp_path, synthetic_env):
     best = max(journal(project), key=lambda t: t.value)
     assert f"**Best: {tune.trial_name(best.number)}**" in report and "  - name: tuned-mlp" in report
     assert "test_accuracy: 0.98" not in report.split("```")[0]  # no test figure outside the variant
-    span = max(t.datetime_complete for t in journal(project)) - min(
-        t.datetime_start for t in journal(project)
-    )
+    trials = journal(project)
+    span = max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
     assert f"The search took {span.total_seconds() / 60:.0f} minutes from the first trial's start" in report
     # The printed variant is one the study takes as it is, with the best trial's params.
     entry = yaml.safe_load(report.split("```yaml\n")[1].split("```")[0])[0]
