@@ -36,7 +36,7 @@ def markdown(r):
         + "; ".join(f"{n} ({x})" for n, x in zip(r["variants"], sets, strict=True))
         + f". Each ran {rounds} round(s) of its sides back to back, in rotating order. Figures are medians "
         "over the rounds; **÷ stage** is the median of the rounds' own ratios of the side's time to the "
-        "stage's: above 1, the stage is faster.",
+        "stage's: above 1, the stage is faster. The stage's XLA cache is empty before its first round.",
         "",
         *table(
             "Training loop: the epochs, with validation and the best-epoch checkpoint",

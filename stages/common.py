@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -282,17 +283,22 @@ def model_inputs(model, x):
 
 
 @contextlib.contextmanager
-def quiet_stderr():
-    """Silence file descriptor 2: TensorFlow's absl and oneDNN start-up lines ignore TF_CPP_MIN_LOG_LEVEL."""
+def quiet_stderr(drop=None):
+    """File descriptor 2 held back for the block, then shown without the lines that contain any of
+    `drop` (None: none shown). TensorFlow's C++ log lines ignore Python's sys.stderr."""
     sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            if drop is not None:
+                sys.stderr.write("".join(ln for ln in lines if not any(d in ln for d in drop)))
 
 
 def import_keras():
@@ -301,7 +307,7 @@ def import_keras():
     # TensorFlow imports JAX wherever it is installed (for TFLite's converter, used by no stage):
     # 120 MB more peak RSS in the .venv that `make bench` adds JAX to. A None entry makes it skip that.
     sys.modules.setdefault("jax", None)
-    with quiet_stderr():
+    with quiet_stderr():  # its start-up banner
         import keras
         import tensorflow  # noqa: F401  (the backend, loaded here while stderr is quiet)
     threefry_dropout()

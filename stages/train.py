@@ -5,11 +5,15 @@ compiled call per epoch: the same model, optimizer, loss and dropout as `fit`, w
 per-step Python and with XLA fusing dropout, the optimizer's element-wise passes and the metrics.
 """
 
+import contextlib
+import hashlib
 import itertools
 import math
 import os
+import platform
 import statistics
 import time
+from importlib import metadata
 from pathlib import Path
 
 from stages.common import (
@@ -21,6 +25,7 @@ from stages.common import (
     load_params,
     load_split,
     model_inputs,
+    quiet_stderr,
     run,
     save_model,
     threefry_dropout,
@@ -28,6 +33,55 @@ from stages.common import (
 
 LIVE_DIR = Path("metrics/train")  # DVCLive: per-epoch history and final metrics
 SUMMARY_FILE = Path("metrics/model_summary.txt")
+XLA_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-dvc" / "xla"
+# What TensorFlow logs at ERROR level on each program it loads from the cache: it first tries the
+# file as a text proto, and the CPU features it compares include LLVM's tuning ones (prefer-no-gather),
+# which the host's list never has. The cache's directory is per CPU, so neither is a fault.
+CACHE_NOISE = ("Error parsing text-format tensorflow.XlaSerializedCacheEntry", "Loading XLA:CPU AOT result")
+
+
+def use_xla_cache():
+    """Keep XLA's compiled programs on disk, so that a run whose shapes were trained before loads its
+    epoch instead of compiling it: a few seconds and ~100 MB of peak RSS less for every seed of the
+    study, every rerun and every test (docs/decisions/xla-cache.md). TensorFlow matches an entry on
+    its whole program, but not on its own version or the CPU, so those name the directory.
+    XLA_CACHE=dir moves it, XLA_CACHE=off turns it off. Returns the directory, or None."""
+    setting, flags = os.environ.get("XLA_CACHE", ""), os.environ.get("TF_XLA_FLAGS", "")
+    if setting == "off" or "persistent_cache_directory" in flags:  # off, or the user's own choice
+        return None
+    try:
+        cpu = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    version = next((d.version for d in metadata.distributions() if d.name.startswith("tensorflow")), "")
+    key = hashlib.sha256(f"{version} {platform.machine()} {cpu}".encode()).hexdigest()[:16]
+    directory = Path(setting or XLA_CACHE) / key
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a cache only saves time: train without it
+        print(f"train: XLA cache off, {directory} cannot be created ({e.strerror}); XLA_CACHE=dir moves it")
+        return None
+    os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={directory}".strip()
+    return directory
+
+
+@contextlib.contextmanager
+def first_epoch(cache):
+    """The first epoch, which compiles, or with a cache may load: without the cache's noise, and with
+    a failure that names the cache when there is one (a damaged entry fails to load)."""
+    import tensorflow as tf
+
+    if cache is None:
+        yield
+        return
+    try:
+        with quiet_stderr(drop=CACHE_NOISE):
+            yield
+    except tf.errors.OpError as e:
+        raise PipelineError(
+            f"the first epoch failed: {e.message}; if a file in the XLA cache {cache} is damaged "
+            "(cut short, edited), delete that directory (it is rebuilt) or run with XLA_CACHE=off"
+        ) from None
 
 
 def build_model(p, image_shape=(28, 28), classes=10):
@@ -140,7 +194,7 @@ def set_threads():
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def train(params, splits, model_path, live_dir):
+def train(params, splits, model_path, live_dir, cache=None):
     keras = import_keras()
     import tensorflow as tf
     from dvclive import Live
@@ -174,8 +228,9 @@ def train(params, splits, model_path, live_dir):
         for epoch in range(t["epochs"]):
             began = time.perf_counter()
             order = tf.random.experimental.stateless_shuffle(samples, [seed, epoch])  # seeded batch order
-            loss, accuracy = train_epoch(order)
-            val_loss, val_accuracy = evaluate(*val)
+            with first_epoch(cache) if epoch == 0 else contextlib.nullcontext():
+                loss, accuracy = train_epoch(order)
+                val_loss, val_accuracy = evaluate(*val)
             if best is None or val_loss < best[1]:
                 best = (epoch + 1, val_loss, val_accuracy)
                 save_model(model, model_path)
@@ -282,8 +337,9 @@ def main():
         check_cnn(params["model"], params["train"])
     splits = [load_split("train"), load_split("val")]  # a list: train() releases them
     check_size(params, len(splits[0][1]))
+    cache = use_xla_cache()  # before TensorFlow starts: it reads TF_XLA_FLAGS once
     with atomic_path(MODEL_FILE) as model_path, atomic_path(LIVE_DIR) as live_dir:
-        model, summary = train(params, splits, model_path, live_dir)
+        model, summary = train(params, splits, model_path, live_dir, cache)
     lines = []
     model.summary(print_fn=lambda text, line_break=True: lines.append(text))
     with atomic_path(SUMMARY_FILE) as tmp:

@@ -226,17 +226,30 @@ def prepared(project, raw_data):
     return project
 
 
+def session_dir(tmp_path_factory):
+    """The session's directory: under `make test`'s workers (pytest-xdist), the one that holds each
+    worker's own, so that what is kept there serves them all."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xla_cache(tmp_path_factory):
+    """One XLA cache for the session's training runs (stages/train.py use_xla_cache), not the user's:
+    a shape is compiled once per session. Workers share it; TensorFlow writes each entry atomically."""
+    os.environ.setdefault("XLA_CACHE", str(session_dir(tmp_path_factory) / "xla-cache"))
+    return os.environ["XLA_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def reproduced(synthetic_env, tmp_path_factory):
     """(project, stdout of its `dvc repro`): one whole pipeline run on synthetic MNIST per session,
     small config, shared by the tests that start from a finished run. Copy it with `repro_project`.
 
-    Under `make test`'s workers (pytest-xdist) one run serves them all: the first worker to get here
-    runs it in the session's directory, which holds every worker's own, and the others wait for it.
-    (The workers' synthetic mirrors are byte-identical, and no output records the mirror's path.)"""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
+    Under `make test`'s workers one run serves them all: the first worker to get here runs it in the
+    session's directory and the others wait for it. (The workers' synthetic mirrors are
+    byte-identical, and no output records the mirror's path.)"""
+    shared = session_dir(tmp_path_factory)
     work, log = shared / "reproduced" / "project", shared / "reproduced" / "stdout.txt"
     with FileLock(shared / "reproduced.lock"):
         if not log.exists():
