@@ -295,9 +295,9 @@ def quiet_stderr(drop=None):
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            held.seek(0)
-            lines = held.read().decode(errors="replace").splitlines(keepends=True)
             if drop is not None:
+                held.seek(0)
+                lines = held.read().decode(errors="replace").splitlines(keepends=True)
                 sys.stderr.write("".join(ln for ln in lines if not any(d in ln for d in drop)))
 
 

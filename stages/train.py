@@ -53,7 +53,7 @@ def use_xla_cache():
         cpu = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
     except (OSError, StopIteration):
         cpu = platform.processor()
-    version = next((d.version for d in metadata.distributions() if d.name.startswith("tensorflow")), "")
+    version = metadata.version("tensorflow-cpu")  # the pinned package (requirements.txt)
     key = hashlib.sha256(f"{version} {platform.machine()} {cpu}".encode()).hexdigest()[:16]
     directory = Path(setting or XLA_CACHE) / key
     try:
