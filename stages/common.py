@@ -327,7 +327,7 @@ def threefry_dropout():
     import keras
     import tensorflow as tf
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)  # no tensor control flow to convert
     def draw_bits(x, seed, noise_shape):
         shape = (
             tf.shape(x)
