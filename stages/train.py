@@ -6,6 +6,7 @@ per-step Python and with XLA fusing dropout, the optimizer's element-wise passes
 """
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import math
@@ -145,10 +146,12 @@ def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
         hits = tf.reduce_sum(tf.cast(tf.argmax(probs, 1, output_type="int32") == yb, "float32"))
         return loss * n, hits
 
-    # autograph=False, here and below: with the loop written as tf.while_loop there is nothing for
-    # autograph to convert, but it would still rewrite this code and every Keras call inside it on
-    # each trace, ~0.5 s of every run's first epoch (docs/decisions/xla-cache.md). Same program.
-    @tf.function(jit_compile=jit_compile, autograph=False)
+    # Without autograph: with the loop written as tf.while_loop there is nothing for it to convert,
+    # but it would still rewrite this code and every Keras call inside it on each trace, part of
+    # every run's first epoch (docs/decisions/xla-cache.md). Same program.
+    compiled = functools.partial(tf.function, jit_compile=jit_compile, autograph=False)
+
+    @compiled
     def full_batches(order):
         batches = tf.reshape(order[: full * batch_size], (full, batch_size))
 
@@ -159,7 +162,7 @@ def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
         zero = tf.constant(0.0)  # one tf.while_loop inside the one compiled call
         return tf.while_loop(lambda i, *_: i < full, body, (tf.constant(0), zero, zero))[1:]
 
-    @tf.function(jit_compile=jit_compile, autograph=False)
+    @compiled
     def last_batch(idx):
         return step(idx)
 
@@ -170,7 +173,7 @@ def make_steps(model, optimizer, x, y, divisor, batch_size, jit_compile):
             total, hits = total + loss, hits + right
         return float(total) / n, float(hits) / n
 
-    @tf.function(jit_compile=jit_compile, autograph=False)
+    @compiled
     def evaluate_call(xs, ys):
         probs = model(tf.cast(xs, "float32") / divisor, training=False)
         hits = tf.cast(tf.argmax(probs, 1, output_type="int32") == ys, "float32")
