@@ -159,7 +159,9 @@ def run_trials(search, space, extra, args, existing):
         else:
             local.run_all(todo, args.jobs, args.timeout, done, problems, lambda n: tell(n, problems.get(n)))
     except KeyboardInterrupt:
-        for trial, _ in list(flight.values()):
+        # Every running trial is this search's (the workspace is locked), in flight or not yet: Ctrl-C
+        # can land after Optuna has started a trial and before ask() has it in `flight`.
+        for trial in search.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             give_up(search, trial)
         raise
     return failed

@@ -191,6 +191,23 @@ def test_ctrl_c_then_again_finishes_the_planned_trials(toy, tmp_path):
     assert processes_in(toy) == []
 
 
+def test_ctrl_c_while_a_trial_is_being_asked_leaves_no_trial_running(tmp_path, monkeypatch):
+    """Ctrl-C landing after Optuna has started a trial but before its params are drawn: the trial is
+    still told as stopped and queued again, not left running in the journal (seen under load)."""
+    monkeypatch.chdir(tmp_path)  # give_up's `dvc exp remove` finds no repository here: nothing to remove
+    monkeypatch.setenv("PATH", ENV["PATH"])  # with this checkout's dvc, as the search runs it
+    search = tune.open_search(0)
+
+    def interrupted(trial, space):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "suggest", interrupted)
+    args = tune.parse_args(["--trials", "1", "--jobs", "1"])
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_trials(search, TOY_SPACE, {}, args, {})
+    assert [t.state.name for t in journal(tmp_path)] == ["FAIL", "WAITING"]
+
+
 def test_default_params_train_the_model_they_trained_before(prepared, tmp_path, monkeypatch):
     """The new params at their defaults train the same model, to the byte, as params without them."""
     from stages.common import load_params, load_split
