@@ -304,12 +304,19 @@ def quiet_stderr(drop=None):
 def import_keras():
     """Keras on TensorFlow, imported without the start-up banner (import errors still show), with
     the project's Dropout registered so that models holding it load in safe mode."""
-    # TensorFlow imports JAX wherever it is installed (for TFLite's converter, used by no stage):
-    # 120 MB more peak RSS in the .venv that `make bench` adds JAX to. A None entry makes it skip that.
-    sys.modules.setdefault("jax", None)
-    with quiet_stderr():  # its start-up banner
-        import keras
-        import tensorflow  # noqa: F401  (the backend, loaded here while stderr is quiet)
+    # TensorFlow and Keras import JAX, pandas and matplotlib wherever they are installed, for parts
+    # no stage uses through them: peak memory and start-up time for nothing
+    # (docs/decisions/keras-without-optional-imports.md). A None entry makes them skip each one while
+    # they import; one the stage imported itself stays, and a later import works as usual.
+    hidden = [name for name in ("jax", "pandas", "matplotlib") if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(hidden, None))
+    try:
+        with quiet_stderr():  # its start-up banner
+            import keras
+            import tensorflow  # noqa: F401  (the backend, loaded here while stderr is quiet)
+    finally:
+        for name in hidden:
+            del sys.modules[name]
     threefry_dropout()
     return keras
 

@@ -267,6 +267,17 @@ def test_download_imports_no_tensorflow(tmp_path, synthetic_env):
     assert not names & {"tensorflow", "keras", "jax", "torch"}
 
 
+def test_keras_comes_without_what_no_stage_uses_through_it():
+    """import_keras keeps out the JAX, pandas and matplotlib that TensorFlow and Keras would import
+    (memory and start-up: stages/common.py), and each can still be imported after it."""
+    code = (
+        "import sys; from stages.common import import_keras; import_keras(); "
+        "print(sorted(m for m in ('jax', 'pandas', 'matplotlib') if m in sys.modules)); "
+        "import pandas, matplotlib; print('imported')"
+    )
+    assert run([sys.executable, "-c", code], ROOT).stdout.splitlines() == ["[]", "imported"]
+
+
 # --- failures are one line ------------------------------------------------------------------------
 
 
