@@ -301,22 +301,29 @@ def quiet_stderr(drop=None):
                 sys.stderr.write("".join(ln for ln in lines if not any(d in ln for d in drop)))
 
 
-def import_keras():
-    """Keras on TensorFlow, imported without the start-up banner (import errors still show), with
-    the project's Dropout registered so that models holding it load in safe mode."""
-    # TensorFlow and Keras import JAX, pandas and matplotlib wherever they are installed, for parts
-    # no stage uses through them: peak memory and start-up time for nothing
-    # (docs/decisions/keras-without-optional-imports.md). A None entry makes them skip each one while
-    # they import; one the stage imported itself stays, and a later import works as usual.
+@contextlib.contextmanager
+def without_optional_imports():
+    """Imports inside skip JAX, pandas and matplotlib where they are optional. TensorFlow, Keras and
+    DVCLive import them wherever they are installed, for parts no stage uses through them: peak
+    memory and start-up time for nothing (docs/decisions/keras-without-optional-imports.md). A None
+    entry makes `import` fail, which they catch; a package the stage imported itself stays, and a
+    later import works as usual."""
     hidden = [name for name in ("jax", "pandas", "matplotlib") if name not in sys.modules]
     sys.modules.update(dict.fromkeys(hidden, None))
     try:
-        with quiet_stderr():  # its start-up banner
-            import keras
-            import tensorflow  # noqa: F401  (the backend, loaded here while stderr is quiet)
+        yield
     finally:
         for name in hidden:
             del sys.modules[name]
+
+
+def import_keras():
+    """Keras on TensorFlow, imported without the start-up banner (import errors still show) and
+    without_optional_imports, with the project's Dropout registered so that models holding it load
+    in safe mode."""
+    with without_optional_imports(), quiet_stderr():  # its start-up banner
+        import keras
+        import tensorflow  # noqa: F401  (the backend, loaded here while stderr is quiet)
     threefry_dropout()
     return keras
 

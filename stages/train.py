@@ -30,6 +30,7 @@ from stages.common import (
     run,
     save_model,
     threefry_dropout,
+    without_optional_imports,
 )
 
 LIVE_DIR = Path("metrics/train")  # DVCLive: per-epoch history and final metrics
@@ -205,7 +206,9 @@ def set_threads():
 def train(params, splits, model_path, live_dir, cache=None):
     keras = import_keras()
     import tensorflow as tf
-    from dvclive import Live
+
+    with without_optional_imports():
+        from dvclive import Live
 
     seed, t = params["seed"], params["train"]
     set_threads()

@@ -267,13 +267,19 @@ def test_download_imports_no_tensorflow(tmp_path, synthetic_env):
     assert not names & {"tensorflow", "keras", "jax", "torch"}
 
 
-def test_keras_comes_without_what_no_stage_uses_through_it():
-    """import_keras keeps out the JAX, pandas and matplotlib that TensorFlow and Keras would import
-    (memory and start-up: stages/common.py), and each can still be imported after it."""
+def test_keras_and_dvclive_come_without_what_no_stage_uses_through_them():
+    """import_keras, and train's import of DVCLive, keep out the JAX, pandas and matplotlib that
+    TensorFlow, Keras and DVCLive would import (memory and start-up: stages/common.py), and each can
+    still be imported after them."""
     code = (
-        "import sys; from stages.common import import_keras; import_keras(); "
-        "print(sorted(m for m in ('jax', 'pandas', 'matplotlib') if m in sys.modules)); "
-        "import pandas, matplotlib; print('imported')"
+        "import sys\n"
+        "from stages.common import import_keras, without_optional_imports\n"
+        "import_keras()\n"
+        "with without_optional_imports():\n"
+        "    from dvclive import Live\n"
+        "print(sorted(m for m in ('jax', 'pandas', 'matplotlib') if m in sys.modules))\n"
+        "import pandas, matplotlib\n"
+        "print('imported')\n"
     )
     assert run([sys.executable, "-c", code], ROOT).stdout.splitlines() == ["[]", "imported"]
 
