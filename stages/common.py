@@ -446,9 +446,9 @@ def way_back(stage):
 
 def run(main):
     """Run a stage's main(): user errors and interrupts end in one line and a non-zero exit. On
-    success the process ends without the interpreter's teardown, which for one that has loaded
-    TensorFlow takes over a second (twice per pipeline run): by then every output is written and
-    closed, and nothing else is left to run at exit."""
+    success the process ends without the interpreter's teardown, slow once TensorFlow is loaded
+    (docs/decisions/exit-without-teardown.md): by then every output is written and closed, and
+    nothing else is left to run at exit."""
     # SIGTERM cleans up like Ctrl-C; SIGINT too when a background shell started us with it ignored.
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.default_int_handler)
