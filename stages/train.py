@@ -38,8 +38,13 @@ SUMMARY_FILE = Path("metrics/model_summary.txt")
 XLA_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-dvc" / "xla"
 # What TensorFlow logs at ERROR level on each program it loads from the cache: it first tries the
 # file as a text proto, and the CPU features it compares include LLVM's tuning ones (prefer-no-gather),
-# which the host's list never has. The cache's directory is per CPU, so neither is a fault.
-CACHE_NOISE = ("Error parsing text-format tensorflow.XlaSerializedCacheEntry", "Loading XLA:CPU AOT result")
+# which the host's list never has. The cache's directory is per CPU, so neither is a fault. Where
+# nothing logged before (no CPU-feature line at import), the first of them comes after absl's preamble.
+CACHE_NOISE = (
+    "Error parsing text-format tensorflow.XlaSerializedCacheEntry",
+    "Loading XLA:CPU AOT result",
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+)
 
 
 def use_xla_cache():

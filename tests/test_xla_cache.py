@@ -9,8 +9,6 @@ from conftest import run_stage
 
 from stages import train as train_stage
 
-CACHE_NOISE = ("XlaSerializedCacheEntry", "XLA:CPU AOT")
-
 
 def train(project, cache):
     proc = run_stage("train", project, check=False, env={"XLA_CACHE": str(cache)})
@@ -30,7 +28,7 @@ def test_a_cached_epoch_trains_the_same_model_and_a_damaged_cache_fails_clearly(
     assert warm.returncode == 0, warm.stderr
     assert loaded == compiled
     assert sorted(directory.glob("*.pb")) == entries  # loaded, not compiled and added again
-    assert not any(noise in warm.stderr for noise in CACHE_NOISE), warm.stderr
+    assert warm.stderr == ""  # neither the loading's log lines nor absl's preamble to them
     metrics = json.loads((prepared / "metrics/train/metrics.json").read_text())
     assert metrics["jit_compile"] is True
 
