@@ -1,5 +1,6 @@
 """Stage evaluate: score the best checkpoint on the test set, per class and overall."""
 
+import csv
 from pathlib import Path
 
 from stages.common import (
@@ -15,7 +16,6 @@ from stages.common import (
 )
 
 import numpy as np
-import pandas as pd
 
 METRICS = Path("metrics/evaluate.json")
 PER_CLASS = Path("metrics/per_class.csv")
@@ -30,28 +30,24 @@ def predict(x, divisor):
     return model.predict(x, batch_size=eval_rows(model, len(x)), verbose=0)  # few, large compiled calls
 
 
-def per_class(confusion, names):
+def per_class(confusion):
     """Precision, recall and F1 of each class from a confusion matrix (rows: true, columns: predicted)."""
     tp = np.diag(confusion).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.nan_to_num(tp / confusion.sum(axis=0))
         recall = np.nan_to_num(tp / confusion.sum(axis=1))
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-    return pd.DataFrame(
-        {
-            "digit": range(len(tp)),  # the class index, whatever the dataset
-            "name": names,
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "support": confusion.sum(axis=1),
-        }
-    )
+    return precision, recall, f1
 
 
-def write_csv(path, frame, **kwargs):
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6f", **kwargs)
+def write_csv(path, columns):
+    """{header: column} as a table, floats to six places. The csv module, not pandas: importing pandas
+    took longer than everything the stage writes."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        table = csv.writer(f, lineterminator="\n")
+        table.writerow(columns)
+        for row in zip(*(np.asarray(c).tolist() for c in columns.values()), strict=True):
+            table.writerow(f"{v:.6f}" if isinstance(v, float) else v for v in row)
 
 
 def main():
@@ -65,22 +61,34 @@ def main():
     classes = probs.shape[1]
     confusion = np.zeros((classes, classes), int)
     np.add.at(confusion, (y, predicted), 1)
-    scores = per_class(confusion, names)
+    precision, recall, f1 = per_class(confusion)
     write_json(
         METRICS,
         {
             "test_accuracy": float((predicted == y).mean()),
             "test_loss": loss,
-            "test_macro_f1": float(scores.f1.mean()),
+            "test_macro_f1": float(f1.mean()),
         },
     )
-    write_csv(PER_CLASS, scores)
-    write_csv(CONFUSION, pd.DataFrame(confusion, columns=[str(c) for c in range(classes)]))
-    rows = pd.DataFrame(
-        {"index": np.arange(len(y)), "actual": y, "predicted": predicted, "confidence": probs.max(axis=1)}
+    write_csv(
+        PER_CLASS,
+        {
+            "digit": range(classes),  # the class index, whatever the dataset
+            "name": names,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": confusion.sum(axis=1),
+        },
     )
-    write_csv(PREDICTIONS, rows[["actual", "predicted"]])
-    write_csv(MISCLASSIFIED, rows[rows.actual != rows.predicted])
+    write_csv(CONFUSION, {str(c): confusion[:, c] for c in range(classes)})
+    write_csv(PREDICTIONS, {"actual": y, "predicted": predicted})
+    wrong = np.flatnonzero(predicted != y)
+    confidence = probs.max(axis=1)[wrong]
+    write_csv(
+        MISCLASSIFIED,
+        {"index": wrong, "actual": y[wrong], "predicted": predicted[wrong], "confidence": confidence},
+    )
     print(
         f"evaluate: test accuracy {(predicted == y).mean():.4f}, loss {loss:.4f}, "
         f"{(predicted != y).sum()} of {len(y)} misclassified"
