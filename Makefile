@@ -20,7 +20,7 @@ repro: setup  ## run the whole pipeline (MNIST_MIRROR=dir-or-url to download fro
 	dvc repro
 
 # Two workers, one file each at a time (a module's fixtures stay in one process), in the order
-# tests/conftest.py gives (the two longest files first): most of the suite's time is single-threaded
+# tests/conftest.py gives (the longest files first): most of the suite's time is single-threaded
 # start-up of TensorFlow and DVC processes, not training.
 test: setup  ## the fast test suite (a few minutes)
 	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder

@@ -49,13 +49,25 @@ REAL_MNIST_HELP = (
 )
 
 
-# The two files that take minutes (each one long chain of DVC runs) start first: `make test` runs
-# the suite on two workers, file by file, and either file started last would finish alone.
-LONGEST_FIRST = ("test_readme.py", "test_ablations.py")
+# `make test` runs the suite on two workers, file by file, each taking the next file as it runs
+# out: the files that take longest (`pytest --durations=0`, summed per file) start first, so that
+# none of them starts last and finishes alone. The README's one long test leads.
+LONGEST_FIRST = (
+    "test_readme.py",
+    "test_ablations.py",
+    "test_tune.py",
+    "test_train_loop.py",
+    "test_pipeline.py",
+    "test_recovery.py",
+    "test_check_repro.py",
+    "test_study_stats.py",
+    "test_cnn.py",
+)
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def pinned(dataset):
