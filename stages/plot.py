@@ -10,6 +10,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on CI machines
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.collections import PathCollection
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextPath
+from matplotlib.transforms import Affine2D
 
 OUT = Path("metrics/figures")
 HISTORY = Path("metrics/train/plots/metrics")  # DVCLive: {train,eval}/{loss,accuracy}.tsv
@@ -101,14 +105,26 @@ def digit_grid(path, images, titles, suptitle):
 
 
 def digit_values(path, image, label):
-    """One image drawn large with each pixel's value written on it."""
+    """One image drawn large with each pixel's value written on it. The 784 numbers are one collection
+    of glyph outlines, each value's outline made once: a Text artist per pixel took most of the stage."""
     fig, ax = plt.subplots(figsize=(12, 12))
     ax.imshow(image, cmap="gray")
+    outlines = {}  # value -> its digits' outline in points, centred on (0, 0)
+    for v in np.unique(image):
+        outline = TextPath((0, 0), str(v), prop=FontProperties(size=7))
+        middle = (outline.vertices.min(axis=0) + outline.vertices.max(axis=0)) / 2
+        outlines[v] = outline.transformed(Affine2D().translate(*-middle))
+    rows, cols = np.indices(image.shape)
     threshold = image.max() / 2.5  # dark pixels get white text, light ones black
-    for (i, j), v in np.ndenumerate(image):
-        ax.text(
-            j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v < threshold else "black"
-        )
+    numbers = PathCollection(
+        [outlines[v] for v in image.ravel()],
+        offsets=np.column_stack([cols.ravel(), rows.ravel()]),  # each at its pixel's centre
+        offset_transform=ax.transData,
+        transform=Affine2D().scale(1 / 72) + fig.dpi_scale_trans,  # points to pixels at any dpi
+        facecolors=["white" if v < threshold else "black" for v in image.ravel()],
+        edgecolors="none",
+    )
+    ax.add_collection(numbers, autolim=False)
     ax.set_title(f"training image, label {label}: raw pixel values")
     ax.axis("off")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.96)

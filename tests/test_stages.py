@@ -226,6 +226,27 @@ def test_fashion_mnist_class_names_in_the_table_and_every_figure(done, tmp_path,
     assert f"training image, label {names[y[0]]}: raw pixel values" in texts["digit.png"]
 
 
+def test_digit_figure_writes_every_pixel_value_on_its_pixel(tmp_path, monkeypatch):
+    """In-process: one number per pixel, centred on it, its digits' outline, white on dark pixels."""
+    from matplotlib.textpath import TextPath
+
+    figures = []
+    monkeypatch.setattr(plot, "save", lambda fig, path: figures.append(fig))
+    image = np.arange(784, dtype=np.uint16).reshape(28, 28) % 256
+    plot.digit_values(tmp_path / "digit.png", image, "3")
+    (numbers,) = figures[0].axes[0].collections
+    offsets = numbers.get_offsets()
+    assert len(numbers.get_paths()) == len(offsets) == 784
+    for (i, j), v in np.ndenumerate(image):
+        path = numbers.get_paths()[28 * i + j]
+        glyphs = TextPath((0, 0), str(v), size=7)
+        assert tuple(offsets[28 * i + j]) == (j, i) and len(path.vertices) == len(glyphs.vertices)
+        assert np.allclose((path.vertices.min(axis=0) + path.vertices.max(axis=0)) / 2, 0)
+    white = (numbers.get_facecolors()[:, :3] == 1).all(axis=1)
+    assert (white == (image.ravel() < 255 / 2.5)).all()
+    matplotlib.pyplot.close(figures[0])
+
+
 def test_digit_figure_is_large(done):
     work, _ = done
     width, height = png_size(work / "metrics" / "figures" / "digit.png")
