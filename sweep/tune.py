@@ -97,7 +97,8 @@ def objective(exp, params):
 
 def give_up(search, trial, error=None):
     """Tell `trial` failed, with its `error`, and remove what DVC has of it; without an error it was
-    stopped (Ctrl-C, a kill), and is queued again with the same params."""
+    stopped (Ctrl-C, a kill), and is queued again with the params it has drawn (Ctrl-C can land while
+    they are drawn: the retry draws the rest)."""
     name = trial_name(trial.number)
     local.discard(name)  # what a killed run leaves
     study.sh("dvc", "exp", "remove", name, check=False)
