@@ -86,6 +86,10 @@ def is_mnist(directory):
         return False
 
 
+# Tests never contact a public host: DVC sends usage analytics from every command in a project that
+# `dvc init` made (the toy projects), unless told not to; the project's own .dvc/config turns them off.
+os.environ["DVC_NO_ANALYTICS"] = "1"
+
 # Read once at start-up: a test's monkeypatch.delenv must not decide whether the real-data tests run.
 GIVEN_MIRROR = os.environ.get("MNIST_MIRROR", "").strip()
 

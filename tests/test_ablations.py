@@ -1,7 +1,7 @@
-"""The study and its report: one two-variant, two-seed study of the real pipeline through `make ablations`
-and `make report`, checked against DVC; then a TensorFlow-free toy stage for what the runner itself
-does: parallel runs, skip and replace, Ctrl-C, a second study at once, bad study files.
-(tests/test_readme.py runs the README's commands.)"""
+"""The study and its report, on a TensorFlow-free toy stage that writes the pipeline's metric files:
+`make ablations` and `make report` of a two-variant, two-seed study checked against DVC, then what the
+runner itself does: parallel runs, skip and replace, Ctrl-C, a second study at once, bad study files.
+(tests/test_readme.py runs the README's study on the real pipeline.)"""
 
 import json
 import math
@@ -14,14 +14,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, copy_project, ctrl_c, from_a_terminal, git_init, run, wait_while_running
+from conftest import ROOT, ctrl_c, from_a_terminal, git_init, run, wait_while_running
 
 from sweep import study
 
 VARIANTS = ("baseline", "no-dropout")
 NAMES = {study.run_name(v, s) for v in VARIANTS for s in (0, 1)}
-# JOBS=1: the runs' output comes to the terminal, where the test reads DVC's lines.
-SMOKE = ("ablations", "JOBS=1", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=1")
+SMOKE = ("ablations", "SEEDS=0 1", "ONLY=baseline,no-dropout", "SET=train.epochs=2")  # the toy has 1
 T1 = 12.706204736174704  # Student's t, 97.5% quantile, 1 degree of freedom (printed tables: 12.706)
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
@@ -50,14 +49,72 @@ def with_make_and_study(project, variants=VARIANTS):
     (project / "ablations.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def test_make_ablations_and_report_match_dvc(tmp_path, synthetic_env):
-    project = copy_project(tmp_path / "project", git=False)
+# The toy's metrics: the pipeline's files and keys (those the report reads), each run's own numbers.
+STAGE = """\
+import json, os, random, signal, sys, time
+from pathlib import Path
+import yaml
+p = yaml.safe_load(open("params.yaml"))
+seed, dropout, epochs = p["seed"], p["model"]["dropout"], p["train"]["epochs"]
+if epochs < 1:
+    sys.exit("error: params.yaml: train.epochs must be a positive integer, got 0")
+start = time.time()
+if os.environ.get("HANG_SEED") == str(seed):  # until stopped; no-dropout's ignores Ctrl-C
+    if dropout == 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Path(os.environ["MARKS"], str(dropout)).touch()
+    time.sleep(600)
+if os.environ.get("STARTED"):  # until another run has started too (at most 60 s): two overlap
+    Path(os.environ["STARTED"], f"{seed}-{dropout}").touch()
+    deadline = time.time() + 60
+    while len(os.listdir(os.environ["STARTED"])) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+record = {"start": start, "end": time.time(), "threads": os.environ.get("TRAIN_THREADS")}
+json.dump(record, open("m.json", "w"))
+rng = random.Random(f"{seed}-{dropout}")
+curves = [[rng.uniform(0.05, 0.5), rng.uniform(0.85, 0.99)] for _ in range(epochs)]
+Path("metrics/train/plots/metrics/eval").mkdir(parents=True, exist_ok=True)
+for i, key in enumerate(("loss", "accuracy")):
+    rows = "".join(f"{step}\\t{c[i]}\\n" for step, c in enumerate(curves))
+    Path(f"metrics/train/plots/metrics/eval/{key}.tsv").write_text(f"step\\t{key}\\n{rows}")
+train = {"loss": rng.uniform(0.01, 0.3), "accuracy": rng.uniform(0.9, 1)}
+last = dict(zip(("loss", "accuracy"), curves[-1]))
+best = min(range(epochs), key=lambda e: curves[e][0])
+metrics = {"train": train, "eval": last, "params": 1000 + seed, "best_epoch": best, "train_seconds": 1.5}
+json.dump(metrics, open("metrics/train/metrics.json", "w"))
+test = {"test_loss": rng.uniform(0.05, 0.5), "test_accuracy": rng.uniform(0.9, 0.99)}
+json.dump(test, open("metrics/evaluate.json", "w"))
+"""
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """A DVC project whose one stage records when it ran and writes the pipeline's metric files with
+    numbers of its own: the study without TensorFlow."""
+    project = tmp_path / "toy"
+    project.mkdir()
     with_make_and_study(project)
+    (project / "stage.py").write_text(STAGE)
+    (project / "params.yaml").write_text("seed: 0\nmodel:\n  dropout: 0.2\ntrain:\n  epochs: 1\n")
+    stage = {"cmd": "python stage.py", "deps": ["stage.py"], "params": ["seed", "model", "train"]}
+    metrics = ("m.json", "metrics/train/metrics.json", "metrics/evaluate.json")
+    stage["metrics"] = [{name: {"cache": False}} for name in metrics]
+    curves = (f"metrics/train/plots/metrics/eval/{key}.tsv" for key in ("loss", "accuracy"))
+    stage["plots"] = [{name: {"cache": False}} for name in curves]
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"work": stage}}))
+    (project / ".gitignore").write_text("__pycache__/\n")
     git_init(project)
+    run(["dvc", "init", "-q"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "dvc"], project)
+    return project
+
+
+def test_make_ablations_and_report_match_dvc(toy):
+    project = toy
     params_before = (project / "params.yaml").read_text()
-    out = make(project, *SMOKE, env=synthetic_env)
+    out = make(project, *SMOKE, env=ENV)
     assert "study: 4 run, 0 skipped, 0 failed" in out
-    assert "Stage 'preprocess' is cached - skipping run" in out  # each seed's split is made once
     assert (project / "params.yaml").read_text() == params_before  # runs never touch the workspace
 
     dvc = found(project)
@@ -65,7 +122,7 @@ def test_make_ablations_and_report_match_dvc(tmp_path, synthetic_env):
     for name, exp in dvc.items():
         assert exp["params"]["seed"] == int(name[-1])
         assert exp["params"]["model.dropout"] == (0 if name.startswith("no-dropout") else 0.2)
-        assert exp["params"]["train.epochs"] == 1
+        assert exp["params"]["train.epochs"] == 2
 
     # The CSV: one row per run, exactly DVC's numbers.
     csv = pd.read_csv(project / "reports/ablations.csv").set_index("name")
@@ -85,7 +142,7 @@ def test_make_ablations_and_report_match_dvc(tmp_path, synthetic_env):
     # The report: its numbers recomputed here from DVC's, with the t quantile for one degree of freedom.
     report = (project / "reports/ablations.md").read_text()
     assert "nan" not in report.lower()
-    assert "extra overrides: train.epochs=1" in report
+    assert "extra overrides: train.epochs=2" in report
     acc = {n: 100 * e["metrics"]["metrics/evaluate.json"]["test_accuracy"] for n, e in dvc.items()}
     base = [acc["baseline-s0"], acc["baseline-s1"]]
     assert f"over 2 seeds (0, 1) the baseline's test accuracy is {statistics.mean(base):.2f}%" in report
@@ -104,46 +161,8 @@ def test_make_ablations_and_report_match_dvc(tmp_path, synthetic_env):
         assert (project / "reports" / name).stat().st_size > 10_000
 
     # `make report` alone gives the same report from DVC's experiments.
-    make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", env=synthetic_env)
+    make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", env=ENV)
     assert (project / "reports/ablations.md").read_text() == report
-
-
-STAGE = """\
-import json, os, signal, sys, time
-from pathlib import Path
-import yaml
-p = yaml.safe_load(open("params.yaml"))
-if p["train"]["epochs"] < 1:
-    sys.exit("error: params.yaml: train.epochs must be a positive integer, got 0")
-start = time.time()
-if os.environ.get("HANG_SEED") == str(p["seed"]):  # until stopped; no-dropout's ignores Ctrl-C
-    if p["model"]["dropout"] == 0:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Path(os.environ["MARKS"], str(p["model"]["dropout"])).touch()
-    time.sleep(600)
-time.sleep(3)
-record = {"start": start, "end": time.time(), "threads": os.environ.get("TRAIN_THREADS")}
-json.dump(record, open("m.json", "w"))
-"""
-
-
-@pytest.fixture
-def toy(tmp_path):
-    """A DVC project whose one stage sleeps and records when it ran: the study without TensorFlow."""
-    project = tmp_path / "toy"
-    project.mkdir()
-    with_make_and_study(project)
-    (project / "stage.py").write_text(STAGE)
-    (project / "params.yaml").write_text("seed: 0\nmodel:\n  dropout: 0.2\ntrain:\n  epochs: 1\n")
-    stage = {"cmd": "python stage.py", "deps": ["stage.py"], "params": ["seed", "model", "train"]}
-    stage["metrics"] = [{"m.json": {"cache": False}}]
-    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"work": stage}}))
-    (project / ".gitignore").write_text("__pycache__/\n")
-    git_init(project)
-    run(["dvc", "init", "-q"], project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "dvc"], project)
-    return project
 
 
 def local(project, *args, code=0):
@@ -153,7 +172,9 @@ def local(project, *args, code=0):
     return proc.stdout + proc.stderr
 
 
-def test_parallel_runs_skip_and_replace(toy):
+def test_parallel_runs_skip_and_replace(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("STARTED", str(tmp_path / "started"))  # the toy's runs wait for a second one
+    (tmp_path / "started").mkdir()
     out = local(toy, "--seeds", "0,1", "--jobs", "2")
     assert "study: 4 run, 0 skipped, 0 failed" in out
     dvc = found(toy)

@@ -14,11 +14,14 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, SMALL, copy_project, git_init, run
 from PIL import Image
 from synthetic_idx import templates
+
+from sweep import report
 
 MARK = "<!-- not run by tests/test_readme.py: "
 BLOCK = re.compile(
@@ -121,12 +124,18 @@ def test_readme_blocks_run_as_printed(clone):
     assert len((Path(env["HOME"]) / "my-idx/SHA256SUMS").read_text().splitlines()) == 4
     study = next(out for code, out in ran if "make ablations SEEDS" in code)
     assert "study: 2 run, 2 skipped, 0 failed" in study, study
-    csv = (work / "reports/ablations.csv").read_text()
-    assert all(f"{name}-s0" in csv for name in STUDY)
+    # The real pipeline's metric files, as the report reads them (tests/test_ablations.py checks the
+    # report's arithmetic on a toy stage that writes the same files).
+    csv = pd.read_csv(work / "reports/ablations.csv").set_index("name")
+    assert set(csv.index) == {f"{name}-s0" for name in STUDY}
+    assert csv[list(report.METRICS)].notna().all().all(), csv
+    assert "nan" not in (work / "reports/ablations.md").read_text().lower()
+    assert (work / "reports/ablations_curves.png").stat().st_size > 10_000
     log = run(["git", "log", "--format=%s", "-1"], work).stdout.strip()
     assert log == "Adopt the no-dropout variant"
     # The README's way back restored the committed state (no-dropout's params, a clean workspace), and
     # docs/data.md's re-download of the same files left it so.
     assert yaml.safe_load((work / "params.yaml").read_text())["model"]["dropout"] == 0
     assert run(["git", "status", "--porcelain", "params.yaml", "metrics"], work).stdout == ""
-    assert json.loads((work / "metrics/evaluate.json").read_text())["test_accuracy"] > 0.5
+    adopted = json.loads((work / "metrics/evaluate.json").read_text())
+    assert adopted["test_accuracy"] == csv.loc["no-dropout-s0", "test_accuracy"] > 0.5
