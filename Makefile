@@ -63,7 +63,8 @@ plots-template: setup  ## rebuild .dvc/offline-plots/ (vega for `dvc plots` offl
 # With RAY_ADDRESS set, one Ray task per run on that cluster instead (`make setup-cluster` first;
 # CPUS=N per run). Exit status 3 means some runs failed: the report still covers the others; an
 # `error:` line (status 1) or Ctrl-C ends it without one. `make report SINCE=REV` adds a section
-# setting the study beside the one committed at REV: each variant's verdict then and now.
+# setting the study beside the one committed at REV: each variant's verdict then and now (CHANGE="..."
+# says in it what changed in between).
 STUDY_ARGS = $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(ONLY),--only $(ONLY))
 .PHONY: ablations report
 ablations: setup  ## run the study's experiments and write reports/ablations.md
@@ -74,7 +75,7 @@ ablations: setup  ## run the study's experiments and write reports/ablations.md
 	python -m sweep.report $(STUDY_ARGS)
 
 report: setup  ## reports/ablations.{md,csv} and figures from the experiments DVC has (SEEDS, ONLY as above)
-	python -m sweep.report $(STUDY_ARGS) $(if $(SINCE),--since $(SINCE))
+	python -m sweep.report $(STUDY_ARGS) $(if $(SINCE),--since $(SINCE)) $(if $(CHANGE),--change "$(CHANGE)")
 
 # The hyperparameter search (tune.yaml's space): TRIALS=N trials in all (default 20), each the DVC
 # experiment tune-<number>, run as the study's runs are (JOBS, SET, TIMEOUT, RAY_ADDRESS and CPUS as

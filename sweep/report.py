@@ -196,9 +196,10 @@ def paragraph(s, exp, runs):
     return " ".join(text)
 
 
-def since(summary, variants, rev):
+def since(summary, variants, rev, change=None):
     """The section that sets this study beside the one committed at `rev` (its reports/ablations.csv):
-    each variant's mean then and now, its paired difference and verdict then and now."""
+    what `change`d in between, as its author says, then each variant's mean then and now, its paired
+    difference and verdict then and now."""
     what = f"no reports/ablations.csv at {rev}"
     old = pd.read_csv(io.StringIO(study.sh("git", "show", f"{rev}:reports/ablations.csv", what=what)))
     subject = study.sh("git", "log", "-1", "--format=%h (%as)", rev)
@@ -215,10 +216,11 @@ def since(summary, variants, rev):
     header = ["variant", "mean then", "mean now", "Δ then (pp)", "Δ now (pp)", "verdict then", "verdict now"]
     left = ("variant", "verdict then", "verdict now")
     verdicts = f"Verdicts that moved: {', '.join(moved)}." if moved else "No verdict moved."
-    return [f"## Since the study at {subject}", "", markdown(header, rows, left), "", verdicts, ""]
+    said = [f"What changed in between: {change}", ""] if change else []
+    return [f"## Since the study at {subject}", "", *said, markdown(header, rows, left), "", verdicts, ""]
 
 
-def render(frame, variants, missing, figures, rev=None):
+def render(frame, variants, missing, figures, rev=None, change=None):
     summary = summarize(frame, variants)
     acc, loss, final = tables(frame, summary, variants)
     lines = [
@@ -241,7 +243,7 @@ def render(frame, variants, missing, figures, rev=None):
     lines += ["## Test accuracy", "", acc, "", "## Test loss", "", loss, ""]
     lines += ["## Final epoch (mean over seeds) and cost", "", final, ""]
     lines += [f"![{alt}]({name})\n" for name, alt in figures.items()]
-    lines += since(summary, variants, rev) if rev else []
+    lines += since(summary, variants, rev, change) if rev else []
     lines += ["## Per variant", ""]
     by_name = {exp["name"]: exp for exp in variants}
     for s in summary:
@@ -333,23 +335,31 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     study.add_selection_args(p, "report")
     p.add_argument("--out", default="reports", help="folder for the report, CSV and figures")
-    p.add_argument("--from-csv", type=Path, help="recompute the report from this CSV (no curves figure)")
+    p.add_argument("--from-csv", type=Path, help="recompute the report from this CSV (curves: see main)")
     p.add_argument("--since", metavar="REV", help="add a section comparing with the study committed at REV")
+    p.add_argument("--change", metavar="TEXT", help="with --since: what changed between the two studies")
     args = p.parse_args(argv)
+    if args.change and not args.since:
+        study.fail("--change says what changed since another study: give that study's commit with --since")
     variants, selected = study.selected_runs(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"ablations.png": "test accuracy per seed and paired differences from the baseline"}
+    curves = {"ablations_curves.png": "validation loss and accuracy per epoch, mean over seeds with range"}
+    # The curves come from DVC's experiments, which a CSV does not hold: recomputing from the CSV a
+    # full `make report` wrote beside them keeps them, another CSV has none.
+    if args.from_csv and args.from_csv.resolve() == (out / "ablations.csv").resolve():
+        figures.update({name: why for name, why in curves.items() if (out / name).exists()})
     if not args.from_csv:
         frame = collect(selected, study.committed_params())
         if frame.empty:
             study.fail("no finished run of the study; run `make ablations` first")
         frame.to_csv(out / "ablations.csv", index=False)
-        figures["ablations_curves.png"] = "validation loss and accuracy per epoch, mean over seeds with range"
+        figures.update(curves)
         curves_figure(frame, out / "ablations_curves.png")
     frame = read_runs(args.from_csv or out / "ablations.csv")  # the report uses the CSV's numbers only
     missing = [name for name, _ in selected if name not in set(frame["name"])]
-    text, summary = render(frame, variants, missing, figures, args.since)
+    text, summary = render(frame, variants, missing, figures, args.since, args.change)
     accuracy_figure(frame, summary, out / "ablations.png")
     (out / "ablations.md").write_text(text)
     print(f"report: {len(frame)} runs in {out / 'ablations.md'}, {out / 'ablations.csv'} and the figures")

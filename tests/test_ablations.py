@@ -160,8 +160,12 @@ def test_make_ablations_and_report_match_dvc(toy):
     for name in ("ablations.png", "ablations_curves.png"):
         assert (project / "reports" / name).stat().st_size > 10_000
 
-    # `make report` alone gives the same report from DVC's experiments.
+    # `make report` alone gives the same report from DVC's experiments, and so does its CSV (with the
+    # curves figure drawn beside it).
     make(project, "report", "SEEDS=0 1", "ONLY=baseline,no-dropout", env=ENV)
+    assert (project / "reports/ablations.md").read_text() == report
+    again = [sys.executable, "-m", "sweep.report", "--from-csv", "reports/ablations.csv", "--seeds", "0 1"]
+    run([*again, "--only", "baseline,no-dropout"], project)
     assert (project / "reports/ablations.md").read_text() == report
 
 

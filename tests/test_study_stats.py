@@ -321,12 +321,19 @@ def test_since_sets_the_study_beside_a_committed_one(tmp_path):
     subprocess.run([*git, "commit", "-qm", "the old study"], cwd=tmp_path, check=True)
     cmd = [sys.executable, "-m", "sweep.report", "--study", "study.yaml", "--from-csv", "runs.csv"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    change = ["--change", "the CNN's new padding"]
     proc = subprocess.run(
-        [*cmd, "--since", "HEAD", "--out", "out"], cwd=tmp_path, capture_output=True, text=True, env=env
+        [*cmd, "--since", "HEAD", *change, "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "out/ablations.md").read_text()
-    assert re.search(r"## Since the study at [0-9a-f]{7,} \(\d{4}-\d\d-\d\d\)\n", text)
+    heading = r"## Since the study at [0-9a-f]{7,} \(\d{4}-\d\d-\d\d\)\n\n"
+    heading += r"What changed in between: the CNN's new padding\n"
+    assert re.search(heading, text), text
     # Then the CNN was 0.2, -0.2 and 0 points from the MLP: no difference; now 3.0 better.
     assert "| fashion-cnn | 88.00% | 91.00% | +0.00 | +3.00 | no difference | better |" in text
     assert "| fashion-mlp | 88.00% | 88.00% | n/a | n/a | n/a | n/a |" in text
@@ -334,3 +341,5 @@ def test_since_sets_the_study_beside_a_committed_one(tmp_path):
     bad = subprocess.run([*cmd, "--since", "nope"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and bad.stderr.startswith("error: no reports/ablations.csv at nope: ")
     assert len(bad.stderr.strip().splitlines()) == 1
+    alone = subprocess.run([*cmd, *change], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert alone.returncode == 1 and alone.stderr.startswith("error: --change says what changed since")
