@@ -2,8 +2,7 @@
 
 Each variant runs once per seed, as the experiment `<variant>-s<seed>`: `dvc exp run --temp -n <name>
 -S <its overrides> -S seed=<seed> -S <extra k=v>` from the committed params.yaml, --jobs at a time in
-this script's own pool (DVC's queue is unreliable with several workers: iterative/dvc #10673, #8417),
-each started once DVC has taken the one before from its stash (wait_taken).
+this script's own pool (DVC's queue is unreliable with several workers: iterative/dvc #10673, #8417).
 The workspace is never modified, and download and preprocess are restored from DVC's run cache.
 An experiment that exists with the same params is skipped, one with other params replaced (--force
 replaces all): it is kept as <name>-replaced until its new run succeeds, and restored otherwise.
@@ -29,7 +28,6 @@ REPLACED_SUFFIX = "-replaced"  # of an experiment being replaced, until its new 
 LOGS = Path(".dvc/tmp/study")  # one log per run when several run at once (git-ignored by DVC)
 EXPS = Path(".dvc/tmp/exps")  # DVC's temporary workspaces and the files that say they are running
 GRACE = 10  # seconds a stopped run has to clean up before it is killed
-TAKE = 120  # seconds a new run may take to start before the next one starts anyway
 # Two runs at once, one thread each, finished the nine-variant study sooner than one after another
 # with two threads on a 2-core machine (benchmarks/results.md).
 JOBS = min(2, len(os.sched_getaffinity(0)))
@@ -121,32 +119,13 @@ def last_lines(name, jobs):
     return "; " + " / ".join(lines[-2:]) + f" (log: {path})"  # DVC repeats its last line
 
 
-def run_infos(name):
-    """[(path, data)] of the info files DVC keeps for the run `name` while it runs (one per start)."""
-    found = []
-    for path in (*EXPS.glob("run/*/*.run"), *EXPS.glob("*/run/*/*.run")):
-        with contextlib.suppress(OSError, ValueError):  # removed, or being written, meanwhile
-            info = json.loads(path.read_text())
-            if info.get("name") == name:
-                found.append((path, info))
-    return found
-
-
 def discard(name):
     """What a killed `dvc exp run --temp` leaves: its workspace copy, which DVC lists as running."""
-    for path, info in run_infos(name):
-        shutil.rmtree(info["root_dir"], ignore_errors=True)
-        shutil.rmtree(path.parent, ignore_errors=True)
-
-
-def wait_taken(name, proc, timeout=TAKE):
-    """Wait until DVC has taken the run `name` from its stash (its info file exists) or it ended.
-    `dvc exp run --temp` queues its run in a stash the workspace shares, then runs the stash's
-    newest entry, read without a lock: two started together can both run the second one. (A run
-    that ends at the moment another starts also looks in the stash: that narrower window stays.)"""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline and not run_infos(name):
-        time.sleep(0.1)
+    for info in (*EXPS.glob("run/*/*.run"), *EXPS.glob("*/run/*/*.run")):
+        found = json.loads(info.read_text())
+        if found.get("name") == name:
+            shutil.rmtree(found["root_dir"], ignore_errors=True)
+            shutil.rmtree(info.parent, ignore_errors=True)
 
 
 def stop(procs):
@@ -178,8 +157,6 @@ def run_all(todo, jobs, timeout, done, problems, more=None):
                 print(f"\n=== [{started}/{started + len(pending)}] {name}", flush=True)
                 with ctrl_c_held():
                     running[name] = (start(name, overrides, jobs), time.monotonic())
-                if pending and len(running) < jobs:  # another start follows at once
-                    wait_taken(name, running[name][0])
             time.sleep(0.5)
             for name, (proc, began) in list(running.items()):
                 code, took = proc.poll(), time.monotonic() - began

@@ -211,43 +211,6 @@ def test_parallel_runs_skip_and_replace(toy, tmp_path, monkeypatch):
     assert local(toy, "seed=3", code=1).startswith("error: seed is not an override")
 
 
-def test_the_pool_starts_a_run_once_dvc_has_taken_the_one_before(monkeypatch):
-    """`dvc exp run --temp` runs the newest entry of a stash the workspace shares, read without a lock
-    (two started at once ran one experiment twice here): a run starts only once DVC has taken the
-    previous one, which it shows by writing that run's info file."""
-    from sweep import local
-
-    events, taken = [], set()
-
-    class Run:  # ends once taken, or after a few polls
-        def __init__(self, name):
-            self.name, self.polls = name, 0
-
-        def poll(self):
-            self.polls += 1
-            return 0 if self.name in taken or self.polls > 3 else None
-
-    def start(name, overrides, jobs):
-        events.append(("start", name))
-        return Run(name)
-
-    def run_infos(name):
-        if events.count(("asked", name)) == 2:  # DVC takes its time
-            taken.add(name)
-            events.append(("taken", name))
-        events.append(("asked", name))
-        return [(None, {"name": name})] if name in taken else []
-
-    monkeypatch.setattr(local, "start", start)
-    monkeypatch.setattr(local, "run_infos", run_infos)
-    monkeypatch.setattr(local.time, "sleep", lambda seconds: None)
-    done = []
-    local.run_all([(name, {}) for name in "abc"], 2, 60, done, {})
-    assert done == ["a", "b", "c"]
-    assert events[0] == ("start", "a") and ("taken", "a") in events
-    assert events.index(("start", "b")) > events.index(("taken", "a"))  # not before
-
-
 def exp_show(project):
     """[(name, state)] of every experiment as `dvc exp show --json` lists it, duplicates included."""
     show = json.loads(run(["dvc", "exp", "show", "--json", "--hide-workspace"], project).stdout)
