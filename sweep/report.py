@@ -335,7 +335,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     study.add_selection_args(p, "report")
     p.add_argument("--out", default="reports", help="folder for the report, CSV and figures")
-    p.add_argument("--from-csv", type=Path, help="recompute the report from this CSV (curves: see main)")
+    p.add_argument("--from-csv", type=Path, help="recompute the report from this CSV (curves if --out's own)")
     p.add_argument("--since", metavar="REV", help="add a section comparing with the study committed at REV")
     p.add_argument("--change", metavar="TEXT", help="with --since: what changed between the two studies")
     args = p.parse_args(argv)
@@ -345,19 +345,19 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"ablations.png": "test accuracy per seed and paired differences from the baseline"}
-    curves = {"ablations_curves.png": "validation loss and accuracy per epoch, mean over seeds with range"}
-    # The curves come from DVC's experiments, which a CSV does not hold: recomputing from the CSV a
-    # full `make report` wrote beside them keeps them, another CSV has none.
-    if args.from_csv and args.from_csv.resolve() == (out / "ablations.csv").resolve():
-        figures.update({name: why for name, why in curves.items() if (out / name).exists()})
+    curves = "ablations_curves.png"
     if not args.from_csv:
         frame = collect(selected, study.committed_params())
         if frame.empty:
             study.fail("no finished run of the study; run `make ablations` first")
         frame.to_csv(out / "ablations.csv", index=False)
-        figures.update(curves)
-        curves_figure(frame, out / "ablations_curves.png")
-    frame = read_runs(args.from_csv or out / "ablations.csv")  # the report uses the CSV's numbers only
+        curves_figure(frame, out / curves)
+    csv = args.from_csv or out / "ablations.csv"
+    # The curves come from DVC's experiments, which a CSV does not hold: the CSV a full `make report`
+    # wrote keeps the figure drawn beside it, another CSV has none.
+    if csv.resolve() == (out / "ablations.csv").resolve() and (out / curves).exists():
+        figures[curves] = "validation loss and accuracy per epoch, mean over seeds with range"
+    frame = read_runs(csv)  # the report uses the CSV's numbers only
     missing = [name for name, _ in selected if name not in set(frame["name"])]
     text, summary = render(frame, variants, missing, figures, args.since, args.change)
     accuracy_figure(frame, summary, out / "ablations.png")
