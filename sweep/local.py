@@ -203,6 +203,7 @@ def main(argv=None):
         study.fail(f"--jobs must be a positive number of runs at once, got {args.jobs}")
     wanted, extra, base = study.checked_runs(args)
     study.check_committed("would leak into every experiment; commit or stash them first")
+    study.check_git_identity()
     names, done, problems = [name for name, _ in wanted], [], {}
     with study.lock_workspace():
         try:

@@ -247,6 +247,19 @@ def check_committed(why, *paths):
         fail(f"uncommitted changes {why}:\n{dirty}")
 
 
+def check_git_identity():
+    """Fail unless git has the name and email DVC signs each experiment's commit with (git config,
+    or GIT_AUTHOR_* and GIT_COMMITTER_*): without them every run fails at once with DVC's
+    "unexpected error"."""
+    config = {key: sh("git", "config", f"user.{key}", check=False) for key in ("name", "email")}
+    for who in ("GIT_AUTHOR", "GIT_COMMITTER"):
+        if not all(os.environ.get(f"{who}_{key.upper()}") or value for key, value in config.items()):
+            fail(
+                "git has no user name and email, which DVC needs to commit each experiment: "
+                'git config --global user.name "Your Name"; git config --global user.email you@example.com'
+            )
+
+
 def experiments(cwd=None, env=None):
     """Experiments of HEAD as DVC lists them (`dvc exp show --json`), by name; in `cwd` with `env`.
 

@@ -179,6 +179,7 @@ def main(argv=None):
     for key in set(space) & set(extra):
         print(f"warning: SET's {key} overrides the space's: every trial runs with {extra[key]}")
     study.check_committed("would leak into every trial; commit or stash them first")
+    study.check_git_identity()
     if args.ray:
         from sweep import cluster  # Ray only when asked for: `make setup-cluster` installs it
 

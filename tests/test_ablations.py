@@ -211,6 +211,21 @@ def test_parallel_runs_skip_and_replace(toy, tmp_path, monkeypatch):
     assert local(toy, "seed=3", code=1).startswith("error: seed is not an override")
 
 
+def test_a_study_without_a_git_identity_ends_in_one_line(toy, tmp_path):
+    """DVC signs each experiment's commit: with no git user name and email (a fresh machine's HOME),
+    the study says so before any run, instead of every run failing with DVC's "unexpected error"."""
+    for key in ("user.name", "user.email"):
+        run(["git", "config", "--unset", key], toy)
+    env = {"HOME": str(tmp_path), "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    env.update({k: "" for k in os.environ if k.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_"))})
+    proc = run([sys.executable, "-m", "sweep.local", "--seeds", "0"], toy, check=False, env=env)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: git has no user name and email, which DVC needs") and (
+        proc.stderr.count("\n") == 1
+    ), proc.stderr
+    assert exp_show(toy) == []
+
+
 def exp_show(project):
     """[(name, state)] of every experiment as `dvc exp show --json` lists it, duplicates included."""
     show = json.loads(run(["dvc", "exp", "show", "--json", "--hide-workspace"], project).stdout)
