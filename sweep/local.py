@@ -1,19 +1,22 @@
 """Run the study of ablations.yaml here, as named DVC experiments: `python -m sweep.local [k=v ...]`.
 
-Each variant runs once per seed, as the experiment `<variant>-s<seed>`: `dvc exp run --temp -n <name>
+Each variant runs once per seed, as the experiment `<variant>-s<seed>`: `dvc exp run -n <name>
 -S <its overrides> -S seed=<seed> -S <extra k=v>` from the committed params.yaml, --jobs at a time in
-this script's own pool (DVC's queue is unreliable with several workers: iterative/dvc #10673, #8417).
-The workspace is never modified, and download and preprocess are restored from DVC's run cache.
+this script's own pool (DVC's queue is unreliable with several workers: iterative/dvc #10673, #8417),
+each in a git clone of its own that shares the workspace's DVC cache; its experiment is pushed back
+when it succeeds. (`dvc exp run --temp` queues into one stash for all runs and takes its newest entry
+without a lock, so two runs at once could both run the same one.) The workspace is never modified,
+and download and preprocess are restored from DVC's run cache.
 An experiment that exists with the same params is skipped, one with other params replaced (--force
 replaces all): it is kept as <name>-replaced until its new run succeeds, and restored otherwise.
-Ctrl-C stops the runs in flight the way DVC cleans up after (no temporary workspace left, nothing
-listed as running) and says which; running the study again does the rest. One study at a time per
-workspace. Exit status: 1 for an `error:` line (nothing ran), 3 when runs failed (each is named).
+Ctrl-C stops the runs in flight, publishes none of them and removes their clones, and says which;
+running the study again does the rest. One study at a time per workspace. Exit status: 1 for an
+`error:` line (nothing ran), 3 when runs failed (each is named).
 """
 
 import argparse
 import contextlib
-import json
+import functools
 import os
 import shutil
 import signal
@@ -22,11 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from configobj import ConfigObj  # DVC's own config format, as its temporary workspaces write it
+
 from sweep import study
 
 REPLACED_SUFFIX = "-replaced"  # of an experiment being replaced, until its new run succeeds
-LOGS = Path(".dvc/tmp/study")  # one log per run when several run at once (git-ignored by DVC)
-EXPS = Path(".dvc/tmp/exps")  # DVC's temporary workspaces and the files that say they are running
+RUNS = Path(".dvc/tmp/study")  # each run's clone, and its log when several run at once (git-ignored)
 GRACE = 10  # seconds a stopped run has to clean up before it is killed
 # Two runs at once, one thread each, finished the nine-variant study sooner than one after another
 # with two threads on a 2-core machine (benchmarks/results.md).
@@ -72,8 +76,8 @@ def plan(todo, extra, base, force):
 
 
 def data_paths():
-    """The datasets' mirror and checksum variables with relative paths made absolute: a --temp run
-    works in a copy under .dvc/tmp, where `../shared/mnist` would name nothing."""
+    """The datasets' mirror and checksum variables with relative paths made absolute: a run
+    works in a clone under .dvc/tmp, where `../shared/mnist` would name nothing."""
     names = [f"{p}_{v}" for p in ("MNIST", "FASHION_MNIST") for v in ("MIRROR", "SHA256SUMS")]
     given = {k: os.environ[k] for k in names if os.environ.get(k, "").strip()}
     return {k: str(Path(v).resolve()) for k, v in given.items() if "://" not in v and Path(v).exists()}
@@ -94,23 +98,56 @@ def unblock_ctrl_c():  # in the child, before exec: a blocked signal mask is inh
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+@functools.cache
+def workspace():
+    """(HEAD's commit, the DVC cache's absolute path) of the workspace the study runs from."""
+    return study.sh("git", "rev-parse", "HEAD"), study.sh("dvc", "cache", "dir")
+
+
+def clone(name):
+    """A clone of the workspace's HEAD for one run, with the workspace's DVC cache, local DVC config
+    and git identity (DVC's temporary workspaces take the same)."""
+    rev, cache = workspace()
+    path = RUNS / name
+    discard(name)  # left by a study that was killed
+    study.sh("git", "clone", "-q", "--no-checkout", ".", str(path))
+    study.sh("git", "checkout", "-q", "--detach", rev, cwd=path)
+    for key in ("user.name", "user.email"):
+        if value := study.sh("git", "config", key, check=False):
+            study.sh("git", "config", key, value, cwd=path)
+    config = ConfigObj(".dvc/config.local")  # empty when there is none
+    config.merge({"cache": {"dir": cache}})
+    config.filename = str(path / ".dvc/config.local")
+    config.write()
+    return path
+
+
 def start(name, overrides, jobs):
-    """Start one `dvc exp run --temp` in its own process group; with jobs > 1 its output goes to a log."""
-    cmd = ["dvc", "exp", "run", "--temp", "-n", name, *study.dvc_set_args(overrides)]
+    """Start one `dvc exp run` in its own clone and process group; with jobs > 1 its output goes to a log."""
+    cmd = ["dvc", "exp", "run", "-n", name, *study.dvc_set_args(overrides)]
     env = {**os.environ, **data_paths()}
-    group = {"start_new_session": True, "preexec_fn": unblock_ctrl_c}
+    group = {"cwd": clone(name), "start_new_session": True, "preexec_fn": unblock_ctrl_c}
     if jobs == 1:
         return subprocess.Popen(cmd, env=env, **group)
     # Runs share the cores: each trains with its share of threads rather than all of them.
     env["TRAIN_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
-    LOGS.mkdir(parents=True, exist_ok=True)
-    with open(LOGS / f"{name}.log", "w") as log:
+    with open(RUNS / f"{name}.log", "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **group)
+
+
+def publish(name):
+    """Push a finished run's experiment from its clone into the workspace's repository; "" or why not."""
+    ref = study.exp_ref(workspace()[0], name)
+    cmd = ["git", "push", "-q", "origin", ref]
+    push = subprocess.run(cmd, cwd=RUNS / name, capture_output=True, text=True)
+    if push.returncode == 0:
+        return ""
+    return (push.stderr.strip() or f"git push exited {push.returncode}").splitlines()[-1]
 
 
 def last_lines(name, jobs):
     """The end of a run's log, to say why it failed (with jobs == 1 it is already on the terminal)."""
-    path = LOGS / f"{name}.log"
+    path = RUNS / f"{name}.log"
     if jobs == 1 or not path.exists():
         return ""
     lines = list(
@@ -120,17 +157,13 @@ def last_lines(name, jobs):
 
 
 def discard(name):
-    """What a killed `dvc exp run --temp` leaves: its workspace copy, which DVC lists as running."""
-    for info in (*EXPS.glob("run/*/*.run"), *EXPS.glob("*/run/*/*.run")):
-        found = json.loads(info.read_text())
-        if found.get("name") == name:
-            shutil.rmtree(found["root_dir"], ignore_errors=True)
-            shutil.rmtree(info.parent, ignore_errors=True)
+    """A run's clone, with whatever a killed run left in it."""
+    shutil.rmtree(RUNS / name, ignore_errors=True)
 
 
 def stop(procs):
-    """Stop {name: dvc process} as Ctrl-C does, so that DVC removes their workspace copies; one still
-    running after GRACE seconds is killed, and what DVC leaves of it removed here."""
+    """Stop {name: dvc process} as Ctrl-C does, so that DVC stops its stage; one still running after
+    GRACE seconds is killed. Their clones are removed."""
     for proc in procs.values():
         with contextlib.suppress(ProcessLookupError):  # ended meanwhile
             os.killpg(proc.pid, signal.SIGINT)  # dvc and the stage it runs, not this script
@@ -141,7 +174,7 @@ def stop(procs):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            discard(name)
+        discard(name)
 
 
 def run_all(todo, jobs, timeout, done, problems, more=None):
@@ -165,11 +198,14 @@ def run_all(todo, jobs, timeout, done, problems, more=None):
                     problems[name] = f"stuck: still running after {timeout:.0f} s, stopped"
                 elif code:
                     problems[name] = f"failed: dvc exp run exited {code}{last_lines(name, jobs)}"
+                elif code == 0 and (why := publish(name)):
+                    problems[name] = f"failed: its experiment was not published: {why}"
                 elif code == 0:
                     print(f"=== {name} done in {took:.0f} s", flush=True)
                     done.append(name)
                 else:
                     continue
+                discard(name)
                 del running[name]
                 pending += more(name) if more else []
     except KeyboardInterrupt:

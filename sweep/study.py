@@ -142,6 +142,11 @@ def parse_run_name(name):
     return (variant, int(seed)) if sep and variant and seed.isdigit() else None
 
 
+def exp_ref(rev, name):
+    """The git ref of DVC's experiment `name` of the commit `rev`."""
+    return f"refs/exps/{rev[:2]}/{rev[2:]}/{name}"
+
+
 def runs(study, seeds, only=None):
     """[(run_name, overrides)] for each variant (in study order) x seed, overrides
     {**variant["set"], "seed": seed}; `only` an iterable of variant names."""

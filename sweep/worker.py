@@ -107,7 +107,7 @@ def publish(args, seconds):
         start = time.monotonic()
         remote = check_dvc_remote(dvc_url)
         overrides, wanted = wanted_run(args.name, args.study, extra, args.trial)
-        ref = f"refs/exps/{rev[:2]}/{rev[2:]}/{args.name}"
+        ref = study.exp_ref(rev, args.name)
         commit, same = published(ref, wanted)
         seconds["check"] = time.monotonic() - start
         if same and not args.force:

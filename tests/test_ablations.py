@@ -69,7 +69,7 @@ if os.environ.get("STARTED"):  # until another run has started too (at most 60 s
     deadline = time.time() + 60
     while len(os.listdir(os.environ["STARTED"])) < 2 and time.time() < deadline:
         time.sleep(0.05)
-record = {"start": start, "end": time.time(), "threads": os.environ.get("TRAIN_THREADS")}
+record = {"start": start, "end": time.time(), "threads": os.environ.get("TRAIN_THREADS"), "cwd": os.getcwd()}
 json.dump(record, open("m.json", "w"))
 rng = random.Random(f"{seed}-{dropout}")
 curves = [[rng.uniform(0.05, 0.5), rng.uniform(0.85, 0.99)] for _ in range(epochs)]
@@ -191,6 +191,8 @@ def test_parallel_runs_skip_and_replace(toy, tmp_path, monkeypatch):
         assert sum(o["start"] <= t["start"] < o["end"] for o in times.values()) <= 2
     assert {t["threads"] for t in times.values()} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
     assert {name: exp["params"]["seed"] for name, exp in dvc.items()} == {n: int(n[-1]) for n in dvc}
+    # Each in a clone of its own: runs that share DVC's stash (`--temp`) can run each other's entry.
+    assert {name: t["cwd"] for name, t in times.items()} == {n: str(toy / ".dvc/tmp/study" / n) for n in dvc}
 
     again = local(toy, "--seeds", "0 1", "--jobs", "2")
     assert "study: 0 run, 4 skipped, 0 failed" in again and "skip no-dropout-s1" in again
@@ -274,7 +276,7 @@ def test_ctrl_c_and_a_second_study(toy, tmp_path):
         " run the study again for the rest"
     ], out
     assert exp_show(toy) == [("baseline-s0", "done"), ("no-dropout-s0", "done")]
-    assert not list((toy / ".dvc/tmp/exps/standalone").glob("tmp*"))  # DVC's workspace copies
+    assert not [p for p in (toy / ".dvc/tmp/study").iterdir() if p.is_dir()]  # the runs' clones
     assert processes_in(toy) == []  # no-dropout-s1's stage too
 
     # The lock file still names the stopped study's pid: taken over, since no process holds it.
