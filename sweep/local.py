@@ -182,6 +182,8 @@ def run_all(todo, jobs, timeout, done, problems, more=None):
     `more(name)`, called as each run ends, returns runs to add (a search asks its next trials then).
     On Ctrl-C the runs in flight are stopped (problem "stopped") and KeyboardInterrupt raised again."""
     pending, running, started = list(todo), {}, 0
+    for left in RUNS.glob("*/"):  # clones of a study that was killed: under the lock none is running
+        shutil.rmtree(left)
     try:
         while pending or running:
             while pending and len(running) < jobs:

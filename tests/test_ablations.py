@@ -179,7 +179,10 @@ def local(project, *args, code=0):
 def test_parallel_runs_skip_and_replace(toy, tmp_path, monkeypatch):
     monkeypatch.setenv("STARTED", str(tmp_path / "started"))  # the toy's runs wait for a second one
     (tmp_path / "started").mkdir()
+    left = toy / ".dvc/tmp/study/baseline-s7"  # the clone of a run whose study was killed
+    left.mkdir(parents=True)
     out = local(toy, "--seeds", "0,1", "--jobs", "2")
+    assert not left.exists()
     assert "study: 4 run, 0 skipped, 0 failed" in out
     dvc = found(toy)
     assert set(dvc) == NAMES
