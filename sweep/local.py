@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from configobj import ConfigObj  # DVC's own config format, as its temporary workspaces write it
+from configobj import ConfigObj  # DVC's config format: its temporary workspaces write theirs so
+from dvc.config import Config
 
 from sweep import study
 
@@ -100,14 +101,18 @@ def unblock_ctrl_c():  # in the child, before exec: a blocked signal mask is inh
 
 @functools.cache
 def workspace():
-    """(HEAD's commit, the DVC cache's absolute path) of the workspace the study runs from."""
-    return study.sh("git", "rev-parse", "HEAD"), study.sh("dvc", "cache", "dir")
+    """(HEAD's commit, the local DVC config for a run's clone): the workspace's own config.local,
+    relative paths resolved, with its DVC cache."""
+    local = Config(dvc_dir=".dvc", validate=False).read("local")
+    local = {section: values for section, values in local.items() if values}
+    cache = {**local.get("cache", {}), "dir": study.sh("dvc", "cache", "dir")}
+    return study.sh("git", "rev-parse", "HEAD"), {**local, "cache": cache}
 
 
 def clone(name):
     """A clone of the workspace's HEAD for one run, with the workspace's DVC cache, local DVC config
     and git identity (DVC's temporary workspaces take the same)."""
-    rev, cache = workspace()
+    rev, local = workspace()
     path = RUNS / name
     discard(name)  # left by a study that was killed
     study.sh("git", "clone", "-q", "--no-checkout", ".", str(path))
@@ -115,8 +120,7 @@ def clone(name):
     for key in ("user.name", "user.email"):
         if value := study.sh("git", "config", key, check=False):
             study.sh("git", "config", key, value, cwd=path)
-    config = ConfigObj(".dvc/config.local")  # empty when there is none
-    config.merge({"cache": {"dir": cache}})
+    config = ConfigObj(local)
     config.filename = str(path / ".dvc/config.local")
     config.write()
     return path
