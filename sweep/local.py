@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from configobj import ConfigObj  # DVC's config format: its temporary workspaces write theirs so
+from configobj import ConfigObj  # DVC's config format, written as its temporary workspaces write it
 from dvc.config import Config
 
 from sweep import study
@@ -101,25 +101,23 @@ def unblock_ctrl_c():  # in the child, before exec: a blocked signal mask is inh
 
 @functools.cache
 def workspace():
-    """(HEAD's commit, the local DVC config for a run's clone): the workspace's own config.local,
-    relative paths resolved, with its DVC cache."""
+    """(HEAD's commit, what a run's clone takes from the workspace): the git identity as `git clone
+    -c` options, and the local DVC config (relative paths resolved) with the workspace's DVC cache."""
     local = Config(dvc_dir=".dvc", validate=False).read("local")
     local = {section: values for section, values in local.items() if values}
-    cache = {**local.get("cache", {}), "dir": study.sh("dvc", "cache", "dir")}
-    return study.sh("git", "rev-parse", "HEAD"), {**local, "cache": cache}
+    local["cache"] = {**local.get("cache", {}), "dir": study.sh("dvc", "cache", "dir")}
+    given = {key: value for key, value in study.git_identity().items() if value}
+    identity = [arg for key, value in given.items() for arg in ("-c", f"user.{key}={value}")]
+    return study.sh("git", "rev-parse", "HEAD"), identity, local
 
 
 def clone(name):
     """A clone of the workspace's HEAD for one run, with the workspace's DVC cache, local DVC config
     and git identity (DVC's temporary workspaces take the same)."""
-    rev, local = workspace()
+    rev, identity, local = workspace()
     path = RUNS / name
-    discard(name)  # left by a study that was killed
-    study.sh("git", "clone", "-q", "--no-checkout", ".", str(path))
+    study.sh("git", "clone", "-q", "--no-checkout", *identity, ".", str(path))
     study.sh("git", "checkout", "-q", "--detach", rev, cwd=path)
-    for key in ("user.name", "user.email"):
-        if value := study.sh("git", "config", key, check=False):
-            study.sh("git", "config", key, value, cwd=path)
     config = ConfigObj(local)
     config.filename = str(path / ".dvc/config.local")
     config.write()

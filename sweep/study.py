@@ -252,11 +252,16 @@ def check_committed(why, *paths):
         fail(f"uncommitted changes {why}:\n{dirty}")
 
 
+def git_identity():
+    """{"name": user.name, "email": user.email} as git config gives them here ("" where unset)."""
+    return {key: sh("git", "config", f"user.{key}", check=False) for key in ("name", "email")}
+
+
 def check_git_identity():
     """Fail unless git has the name and email DVC signs each experiment's commit with (git config,
     or GIT_AUTHOR_* and GIT_COMMITTER_*): without them every run fails at once with DVC's
     "unexpected error"."""
-    config = {key: sh("git", "config", f"user.{key}", check=False) for key in ("name", "email")}
+    config = git_identity()
     for who in ("GIT_AUTHOR", "GIT_COMMITTER"):
         if not all(os.environ.get(f"{who}_{key.upper()}") or value for key, value in config.items()):
             fail(

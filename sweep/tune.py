@@ -100,7 +100,6 @@ def give_up(search, trial, error=None):
     stopped (Ctrl-C, a kill), and is queued again with the params it has drawn (Ctrl-C can land while
     they are drawn: the retry draws the rest)."""
     name = trial_name(trial.number)
-    local.discard(name)  # what a killed run leaves
     study.sh("dvc", "exp", "remove", name, check=False)
     if error:
         trial.set_user_attr("error", error)
