@@ -3,6 +3,7 @@
 import contextlib
 import difflib
 import functools
+import gc
 import importlib.machinery
 import json
 import math
@@ -317,11 +318,27 @@ def without_optional_imports():
             del sys.modules[name]
 
 
+@contextlib.contextmanager
+def collector_paused():
+    """Imports inside run with Python's cyclic garbage collector off, and what they made is frozen
+    out of its later passes (gc.freeze): TensorFlow's import makes millions of objects that live as
+    long as the process, and the collector's passes over them while it grew were a fifth of every
+    TensorFlow start-up (docs/decisions/collector-paused-imports.md)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def import_keras():
-    """Keras on TensorFlow, imported without the start-up banner (import errors still show) and
-    without_optional_imports, with the project's Dropout registered so that models holding it load
-    in safe mode."""
-    with without_optional_imports(), quiet_stderr():  # its start-up banner
+    """Keras on TensorFlow, imported without the start-up banner (import errors still show),
+    without_optional_imports and with the collector_paused, with the project's Dropout registered so
+    that models holding it load in safe mode."""
+    with without_optional_imports(), collector_paused(), quiet_stderr():  # its start-up banner
         import keras
         import tensorflow  # noqa: F401  (the backend, loaded here while stderr is quiet)
     threefry_dropout()

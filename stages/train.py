@@ -21,6 +21,7 @@ from stages.common import (
     MODEL_FILE,
     PipelineError,
     atomic_path,
+    collector_paused,
     eval_rows,
     import_keras,
     load_params,
@@ -212,7 +213,7 @@ def train(params, splits, model_path, live_dir, cache=None):
     keras = import_keras()
     import tensorflow as tf
 
-    with without_optional_imports():
+    with without_optional_imports(), collector_paused():
         from dvclive import Live
 
     seed, t = params["seed"], params["train"]
