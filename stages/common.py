@@ -320,10 +320,10 @@ def without_optional_imports():
 
 @contextlib.contextmanager
 def collector_paused():
-    """Imports inside run with Python's cyclic garbage collector off, and what they made is frozen
-    out of its later passes (gc.freeze): TensorFlow's import makes millions of objects that live as
-    long as the process, and the collector's passes over them while it grew were a fifth of every
-    TensorFlow start-up (docs/decisions/collector-paused-imports.md)."""
+    """Imports inside run with Python's cyclic garbage collector off, and everything alive after them
+    is frozen out of its later passes (gc.freeze): TensorFlow's import makes half a million objects
+    that live as long as the process, and the collector's passes over them while they piled up were
+    a fifth of every TensorFlow start-up (docs/decisions/collector-paused-imports.md)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
