@@ -33,6 +33,7 @@ from sweep import study
 REPLACED_SUFFIX = "-replaced"  # of an experiment being replaced, until its new run succeeds
 RUNS = Path(".dvc/tmp/study")  # each run's clone, and its log when several run at once (git-ignored)
 GRACE = 10  # seconds a stopped run has to clean up before it is killed
+POLL = 0.1  # seconds between looks at the runs in flight: a run's end is noticed at most this late
 # Two runs at once, one thread each, finished the nine-variant study sooner than one after another
 # with two threads on a 2-core machine (benchmarks/results.md).
 JOBS = min(2, len(os.sched_getaffinity(0)))
@@ -194,7 +195,7 @@ def run_all(todo, jobs, timeout, done, problems, more=None):
                 print(f"\n=== [{started}/{started + len(pending)}] {name}", flush=True)
                 with ctrl_c_held():
                     running[name] = (start(name, overrides, jobs), time.monotonic())
-            time.sleep(0.5)
+            time.sleep(POLL)
             for name, (proc, began) in list(running.items()):
                 code, took = proc.poll(), time.monotonic() - began
                 if code is None and took > timeout:
