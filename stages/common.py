@@ -323,13 +323,16 @@ def collector_paused():
     """Imports inside run with Python's cyclic garbage collector off, and everything alive after them
     is frozen out of its later passes (gc.freeze): TensorFlow's import makes half a million objects
     that live as long as the process, and the collector's passes over them while they piled up were
-    a fifth of every TensorFlow start-up (docs/decisions/collector-paused-imports.md)."""
-    enabled = gc.isenabled()
+    a fifth of every TensorFlow start-up (docs/decisions/collector-paused-imports.md). A block that
+    imports nothing new freezes nothing: what is alive then may be garbage awaiting a pass (a model
+    read before), and frozen garbage is never freed."""
+    enabled, loaded = gc.isenabled(), len(sys.modules)
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
+        if len(sys.modules) > loaded:
+            gc.freeze()
         if enabled:
             gc.enable()
 
