@@ -145,7 +145,8 @@ def publish(name):
     push = subprocess.run(cmd, cwd=RUNS / name, capture_output=True, text=True)
     if push.returncode == 0:
         return ""
-    return (push.stderr.strip() or f"git push exited {push.returncode}").splitlines()[-1]
+    lines = (push.stderr.strip() or f"git push exited {push.returncode}").splitlines()
+    return next((x.strip() for x in lines if x.lstrip().startswith("! [")), lines[-1])  # git's reason
 
 
 def last_lines(name, jobs):

@@ -231,6 +231,23 @@ def test_a_study_without_a_git_identity_ends_in_one_line(toy, tmp_path):
     assert exp_show(toy) == []
 
 
+def test_a_run_whose_experiment_cannot_be_pushed_back_fails_and_leaves_nothing(toy):
+    """The workspace's repository refuses the finished run's experiment (here a hook; a full disk
+    alike): the run fails with git's reason, nothing is published and its clone is removed."""
+    hook = toy / ".git/hooks/pre-receive"
+    hook.write_text("#!/bin/sh\necho 'refs/exps is read-only here' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    out = local(toy, "--seeds", "0", "--only", "baseline", code=3)
+    assert "study: 0 run, 0 skipped, 1 failed" in out, out
+    failed = next(line for line in out.splitlines() if line.startswith("  baseline-s0: "))
+    assert failed.startswith("  baseline-s0: failed: its experiment was not published: ! [remote rejected]")
+    assert failed.endswith("(pre-receive hook declined)"), out
+    assert exp_show(toy) == []
+    assert not [p for p in (toy / ".dvc/tmp/study").iterdir() if p.is_dir()]
+    hook.unlink()
+    assert "study: 1 run, 0 skipped, 0 failed" in local(toy, "--seeds", "0", "--only", "baseline")
+
+
 def exp_show(project):
     """[(name, state)] of every experiment as `dvc exp show --json` lists it, duplicates included."""
     show = json.loads(run(["dvc", "exp", "show", "--json", "--hide-workspace"], project).stdout)
