@@ -143,10 +143,7 @@ def publish(name):
     ref = study.exp_ref(workspace()[0], name)
     cmd = ["git", "push", "-q", "origin", ref]
     push = subprocess.run(cmd, cwd=RUNS / name, capture_output=True, text=True)
-    if push.returncode == 0:
-        return ""
-    lines = (push.stderr.strip() or f"git push exited {push.returncode}").splitlines()
-    return next((x.strip() for x in lines if x.lstrip().startswith("! [")), lines[-1])  # git's reason
+    return study.why(push) if push.returncode else ""
 
 
 def last_lines(name, jobs):

@@ -19,6 +19,7 @@ TIMEOUT = 3600  # seconds one `dvc exp run` may take before it counts as stuck
 RUNS_FAILED = 3  # exit status when runs failed (1 is an `error:` line: nothing ran), so make still reports
 LOCK = Path(".dvc/tmp/study.lock")  # held while a study runs from this workspace (DVC ignores .dvc/tmp)
 ERRORS = ("ERROR: ", "fatal: ", "error: ")  # how git and DVC start the line that says what went wrong
+REJECTED = "! ["  # how git push starts (after a space) the line naming a refused ref and git's reason
 
 
 def fail(message):
@@ -225,10 +226,17 @@ def sh(*args, what=None, check=True, timeout=None, **kwargs):
     except subprocess.TimeoutExpired:
         fail(f"{what}: no answer in {timeout:.0f} s")
     if check and proc.returncode != 0:
-        lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()
-        line = next((x for x in lines if x.startswith(ERRORS)), lines[-1])
-        fail(f"{what}: {line.split(': ', 1)[-1] if line.startswith(ERRORS) else line}")
+        fail(f"{what}: {why(proc)}")
     return proc.stdout.strip()
+
+
+def why(proc):
+    """The line of a failed command's output where git or DVC says why (their prefix dropped; a push's
+    refused ref with git's reason, whole), else its last line."""
+    lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()
+    said = (x.strip() for x in lines if x.startswith(ERRORS) or x.lstrip().startswith(REJECTED))
+    line = next(said, lines[-1])
+    return line.split(": ", 1)[-1] if line.startswith(ERRORS) else line
 
 
 def committed_params():
