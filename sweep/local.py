@@ -48,33 +48,40 @@ def parse_args(argv):
 
 
 def plan(todo, extra, base, force):
-    """The (name, overrides) of `todo` to run, after printing what happens to each and why."""
+    """(the (name, overrides) of `todo` to run, {name: commit of its kept copy}), after printing what
+    happens to each and why. A kept copy is the previous run of one replaced now, or one left by a
+    study that was killed while replacing it."""
     existing = study.experiments()
-    planned = []
+    planned, kept = [], {}
     for name, own in todo:
         overrides = {**own, **extra}
         clash = {k: v for k, v in extra.items() if k in own and own[k] != v}
         if clash:
             print(f"warning: {name}: extra {study.describe(clash)} overrides the variant's own setting")
         wanted = {**base, **overrides}
-        old = existing.get(name)
+        old, backup = existing.get(name), f"{name}{REPLACED_SUFFIX}"
+        left = existing.get(backup)  # by a study that was killed
         if old and old["state"] == "success":
+            if left:  # the name holds a finished run: that copy is older
+                study.sh("dvc", "exp", "remove", backup, check=False)
             diff = {k: (old["params"].get(k), v) for k, v in wanted.items() if old["params"].get(k) != v}
             if not diff and not force:
                 print(f"skip {name}: it exists with the same params ({old['rev'][:7]}; --force re-runs it)")
                 continue
             why = "--force" if not diff else ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
-            backup = f"{name}{REPLACED_SUFFIX}"
-            study.sh("dvc", "exp", "remove", backup, check=False)  # left by a study that was killed
             study.sh("dvc", "exp", "rename", name, backup)
+            kept[name] = old["rev"]
             print(f"replace {name}: {old['rev'][:7]} kept as {backup} until the new run succeeds ({why})")
-        elif old:
-            print(f"run {name}: its previous run is {old['state']}; it is cleared first")
-            study.sh("dvc", "exp", "remove", name, check=False)
         else:
-            print(f"run {name}: {study.describe(overrides)}")
+            if old:
+                print(f"run {name}: its previous run is {old['state']}; it is cleared first")
+                study.sh("dvc", "exp", "remove", name, check=False)
+            else:
+                print(f"run {name}: {study.describe(overrides)}")
+            if left:
+                kept[name] = left["rev"]
         planned.append((name, overrides))
-    return planned
+    return planned, kept
 
 
 def data_paths():
@@ -104,9 +111,10 @@ def unblock_ctrl_c():  # in the child, before exec: a blocked signal mask is inh
 def workspace():
     """(HEAD's commit, what a run's clone takes from the workspace): the git identity as `git clone
     -c` options, and the local DVC config (relative paths resolved) with the workspace's DVC cache."""
-    local = Config(dvc_dir=".dvc", validate=False).read("local")
-    local = {section: values for section, values in local.items() if values}
-    local["cache"] = {**local.get("cache", {}), "dir": study.sh("dvc", "cache", "dir")}
+    config = Config(dvc_dir=".dvc", validate=False)
+    local = {section: values for section, values in config.read("local").items() if values}
+    cache = config.get("cache", {}).get("dir") or os.path.abspath(".dvc/cache")  # as `dvc cache dir`
+    local["cache"] = {**local.get("cache", {}), "dir": cache}
     given = {key: value for key, value in study.git_identity().items() if value}
     identity = [arg for key, value in given.items() for arg in ("-c", f"user.{key}={value}")]
     return study.sh("git", "rev-parse", "HEAD"), identity, local
@@ -218,19 +226,24 @@ def run_all(todo, jobs, timeout, done, problems, more=None):
         raise
 
 
-def settle_replaced(names, done):
-    """Drop the kept copy of each replaced experiment whose new run succeeded; restore the others."""
-    kept = study.experiments()
-    for name in names:
+def settle_replaced(kept, done):
+    """Drop the kept copy {name: its commit} of each experiment whose new run succeeded; restore the
+    others."""
+    for name, rev in kept.items():
         backup = f"{name}{REPLACED_SUFFIX}"
-        if backup not in kept:
-            continue
         if name in done:
             study.sh("dvc", "exp", "remove", backup)
         else:
             study.sh("dvc", "exp", "remove", name, check=False)  # a failed run: free the name
             study.sh("dvc", "exp", "rename", backup, name)
-            print(f"{name}: no new run; the previous one ({kept[backup]['rev'][:7]}) is kept")
+            print(f"{name}: no new run; the previous one ({rev[:7]}) is kept")
+
+
+def kept_copies(names):
+    """{name: commit} of the kept copies of `names` that DVC lists: after a Ctrl-C, which can land
+    anywhere in plan()."""
+    listed = study.experiments()
+    return {n: listed[n + REPLACED_SUFFIX]["rev"] for n in names if n + REPLACED_SUFFIX in listed}
 
 
 def main(argv=None):
@@ -246,15 +259,15 @@ def main(argv=None):
     names, done, problems = [name for name, _ in wanted], [], {}
     with study.lock_workspace():
         try:
-            todo = plan(wanted, extra, base, args.force)
+            todo, kept = plan(wanted, extra, base, args.force)
             run_all(todo, args.jobs, args.timeout, done, problems)
         except KeyboardInterrupt:
-            settle_replaced(names, done)
+            settle_replaced(kept_copies(names), done)
             stopped = [name for name, problem in problems.items() if problem == "stopped"]
             what = f"stopped {', '.join(stopped)}" if stopped else "no run was in flight"
             print(f"\ninterrupted: {what}; {len(done)} finished and kept; run the study again for the rest")
             return 130
-        settle_replaced(names, done)
+        settle_replaced(kept, done)
     ran, skipped = len(done), len(wanted) - len(todo)
     print(f"\nstudy: {ran} run, {skipped} skipped, {len(problems)} failed")
     for name, problem in problems.items():

@@ -2,8 +2,8 @@
 
 Each trial is the DVC experiment tune-<number>, the committed params plus the values Optuna's seeded
 TPE sampler asks for (tune.yaml's space) and the extra k=v, run by the study's runner (sweep/local.py's
-pool, or Ray with --ray). As one ends, the sampler is told its validation figure (OBJECTIVE, from
-`dvc exp show`) and asked for the next. The search lives in JOURNAL: --trials N counts the trials that
+pool, or Ray with --ray). As one ends, the sampler is told its validation figure (OBJECTIVE, from the
+experiment's commit) and asked for the next. The search lives in JOURNAL: --trials N counts the trials that
 ended; one stopped midway (Ctrl-C, a kill) is told as failed and queued again with the same params;
 one whose run fails is told as failed, its experiment removed (exit status 3, as sweep/local.py's).
 """
@@ -137,7 +137,7 @@ def run_trials(search, space, extra, args, existing):
 
     def tell(name, error):
         trial, overrides = flight[name]  # still in flight: Ctrl-C while reading its metrics stops it
-        value = None if error else objective(study.experiments().get(name), overrides)
+        value = None if error else objective(study.published(name, OBJECTIVE[:1]), overrides)
         if value is None:
             failed.append(name)
             give_up(search, trial, error or f"no {OBJECTIVE[1]} in its metrics")

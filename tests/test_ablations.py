@@ -87,11 +87,12 @@ json.dump(test, open("metrics/evaluate.json", "w"))
 """
 
 
-@pytest.fixture
-def toy(tmp_path):
+@pytest.fixture(scope="session")
+def toy_made(tmp_path_factory):
     """A DVC project whose one stage records when it ran and writes the pipeline's metric files with
-    numbers of its own: the study without TensorFlow."""
-    project = tmp_path / "toy"
+    numbers of its own: the study without TensorFlow. Made once (git and DVC take a second); each
+    test gets a copy (`toy`)."""
+    project = tmp_path_factory.mktemp("toy-made") / "toy"
     project.mkdir()
     with_make_and_study(project)
     (project / "stage.py").write_text(STAGE)
@@ -108,6 +109,11 @@ def toy(tmp_path):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "dvc"], project)
     return project
+
+
+@pytest.fixture
+def toy(toy_made, tmp_path):
+    return Path(shutil.copytree(toy_made, tmp_path / "toy", symlinks=True))
 
 
 def test_make_ablations_and_report_match_dvc(toy):
@@ -197,8 +203,16 @@ def test_parallel_runs_skip_and_replace(toy, tmp_path, monkeypatch):
     # Each in a clone of its own: runs that share DVC's stash (`--temp`) can run each other's entry.
     assert {name: t["cwd"] for name, t in times.items()} == {n: str(toy / ".dvc/tmp/study" / n) for n in dvc}
 
+    # A study killed while replacing leaves <name>-replaced: beside a finished run of the name it is
+    # dropped; alone (the name renamed away), it is kept until the name's new run succeeds.
+    head = run(["git", "rev-parse", "HEAD"], toy).stdout.strip()
+    ref = {name: study.exp_ref(head, name) for name in ("baseline-s0", "baseline-s1")}
+    run(["git", "update-ref", ref["baseline-s0"] + "-replaced", ref["baseline-s0"]], toy)
+    run(["git", "update-ref", ref["baseline-s1"] + "-replaced", ref["baseline-s1"]], toy)
+    run(["git", "update-ref", "-d", ref["baseline-s1"]], toy)
     again = local(toy, "--seeds", "0 1", "--jobs", "2")
-    assert "study: 0 run, 4 skipped, 0 failed" in again and "skip no-dropout-s1" in again
+    assert "study: 1 run, 3 skipped, 0 failed" in again and "skip no-dropout-s1" in again
+    assert set(found(toy)) == NAMES
     replaced = local(toy, "--only", "no-dropout", "--seeds", "1", "--jobs", "1", "train.epochs=2")
     assert "replace no-dropout-s1" in replaced and "train.epochs 1 -> 2" in replaced
     assert set(found(toy)) == NAMES  # renamed back, not a second experiment
