@@ -203,27 +203,30 @@ def test_parallel_runs_skip_and_replace(toy, tmp_path, monkeypatch):
     # Each in a clone of its own: runs that share DVC's stash (`--temp`) can run each other's entry.
     assert {name: t["cwd"] for name, t in times.items()} == {n: str(toy / ".dvc/tmp/study" / n) for n in dvc}
 
-    # A study killed while replacing leaves <name>-replaced: beside a finished run of the name it is
-    # dropped; alone (the name renamed away), it is kept until the name's new run succeeds.
-    head = run(["git", "rev-parse", "HEAD"], toy).stdout.strip()
-    ref = {name: study.exp_ref(head, name) for name in ("baseline-s0", "baseline-s1")}
-    run(["git", "update-ref", ref["baseline-s0"] + "-replaced", ref["baseline-s0"]], toy)
-    run(["git", "update-ref", ref["baseline-s1"] + "-replaced", ref["baseline-s1"]], toy)
+    # A study killed while replacing leaves <name>-replaced (here made with git): beside a finished
+    # run of the name it is dropped, not restored over it; alone (the name renamed away), it is kept
+    # until the name's new run succeeds.
+    revs = {name: exp["rev"] for name, exp in dvc.items()}
+    ref = {name: study.exp_ref(run(["git", "rev-parse", "HEAD"], toy).stdout.strip(), name) for name in NAMES}
+    run(["git", "update-ref", ref["baseline-s0"] + "-replaced", revs["no-dropout-s0"]], toy)
+    run(["git", "update-ref", ref["baseline-s1"] + "-replaced", revs["baseline-s1"]], toy)
     run(["git", "update-ref", "-d", ref["baseline-s1"]], toy)
     again = local(toy, "--seeds", "0 1", "--jobs", "2")
     assert "study: 1 run, 3 skipped, 0 failed" in again and "skip no-dropout-s1" in again
-    assert set(found(toy)) == NAMES
+    after = {name: exp["rev"] for name, exp in found(toy).items()}
+    assert set(after) == NAMES and after["baseline-s1"] != revs["baseline-s1"]
+    assert {n: after[n] for n in NAMES - {"baseline-s1"}} == {n: revs[n] for n in NAMES - {"baseline-s1"}}
     replaced = local(toy, "--only", "no-dropout", "--seeds", "1", "--jobs", "1", "train.epochs=2")
     assert "replace no-dropout-s1" in replaced and "train.epochs 1 -> 2" in replaced
-    assert set(found(toy)) == NAMES  # renamed back, not a second experiment
-    assert found(toy)["no-dropout-s1"]["params"]["train.epochs"] == 2
-    assert "threads" not in found(toy)["no-dropout-s1"]["metrics"]["m.json"]  # --jobs 1: unset (null)
+    dvc = found(toy)
+    assert set(dvc) == NAMES  # renamed back, not a second experiment
+    assert dvc["no-dropout-s1"]["params"]["train.epochs"] == 2
+    assert "threads" not in dvc["no-dropout-s1"]["metrics"]["m.json"]  # --jobs 1: unset (null)
     # A replacement that fails keeps the previous run under its name, and says why it failed.
     failed = local(toy, "--only", "no-dropout", "--seeds", "1", "--jobs", "2", "train.epochs=0", code=3)
     assert "train.epochs must be a positive integer, got 0" in failed
     assert "no-dropout-s1: no new run; the previous one" in failed
-    assert set(found(toy)) == NAMES
-    assert found(toy)["no-dropout-s1"]["params"]["train.epochs"] == 2
+    assert {name: exp["rev"] for name, exp in found(toy).items()} == {n: e["rev"] for n, e in dvc.items()}
 
     bad = local(toy, "--only", "baseline,sdg", code=1)
     assert bad.strip() == "error: unknown variant sdg; the study has baseline, no-dropout"
