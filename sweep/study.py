@@ -1,5 +1,6 @@
 """The study as every command over it sees it: the study file, its runs and their names, overrides
-as DVC's -S takes them, DVC's view of the experiments, and the lock of the workspace's study."""
+as DVC's -S takes them, DVC's view of the experiments (and of one, read from git), and the lock of
+the workspace's study."""
 
 import difflib
 import fcntl
