@@ -9,6 +9,7 @@ import argparse
 import io
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -331,6 +332,20 @@ def curves_figure(frame, path):
     plt.close(fig)
 
 
+def no_runs_here(names):
+    """Why the report is empty: DVC lists the experiments of HEAD only, and a study run before the
+    last commit (`git commit` after `dvc exp apply`, say) belongs to the commit it ran from."""
+    head = study.sh("git", "rev-parse", "HEAD")
+    elsewhere = Counter(rev for rev, name in study.exp_refs() if name in names and rev != head)
+    if not elsewhere:
+        return "no finished run of the study; run `make ablations` first"
+    rev, count = elsewhere.most_common(1)[0]
+    return (
+        f"no finished run of the study at HEAD ({head[:7]}): {count} of its runs belong to commit "
+        f"{rev[:7]}; `git checkout {rev[:7]}` and `make report` there, or `make ablations` here"
+    )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     study.add_selection_args(p, "report")
@@ -349,7 +364,7 @@ def main(argv=None):
     if not args.from_csv:
         frame = collect(selected, study.committed_params())
         if frame.empty:
-            study.fail("no finished run of the study; run `make ablations` first")
+            study.fail(no_runs_here({name for name, _ in selected}))
         frame.to_csv(out / "ablations.csv", index=False)
         curves_figure(frame, out / curves)
     csv = args.from_csv or out / "ablations.csv"

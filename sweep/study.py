@@ -149,6 +149,13 @@ def exp_ref(rev, name):
     return f"refs/exps/{rev[:2]}/{rev[2:]}/{name}"
 
 
+def exp_refs():
+    """[(commit, name)] of every experiment git holds, of any commit (exp_ref's refs read back)."""
+    refs = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps/").splitlines()
+    parts = [ref.split("/") for ref in refs]
+    return [(p[2] + p[3], p[4]) for p in parts if len(p) == 5 and len(p[2] + p[3]) == 40]
+
+
 def runs(study, seeds, only=None):
     """[(run_name, overrides)] for each variant (in study order) x seed, overrides
     {**variant["set"], "seed": seed}; `only` an iterable of variant names."""

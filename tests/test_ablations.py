@@ -116,8 +116,17 @@ def toy(toy_made, tmp_path):
     return Path(shutil.copytree(toy_made, tmp_path / "toy", symlinks=True))
 
 
+def report_fails(project):
+    """`python -m sweep.report` of the smoke study, which must fail; its one line."""
+    cmd = [sys.executable, "-m", "sweep.report", "--seeds", "0 1", "--only", "baseline,no-dropout"]
+    proc = run(cmd, project, check=False)
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr.strip()
+
+
 def test_make_ablations_and_report_match_dvc(toy):
     project = toy
+    assert report_fails(project) == "error: no finished run of the study; run `make ablations` first"
     params_before = (project / "params.yaml").read_text()
     out = make(project, *SMOKE, env=ENV)
     assert "study: 4 run, 0 skipped, 0 failed" in out
@@ -173,6 +182,16 @@ def test_make_ablations_and_report_match_dvc(toy):
     again = [sys.executable, "-m", "sweep.report", "--from-csv", "reports/ablations.csv", "--seeds", "0 1"]
     run([*again, "--only", "baseline,no-dropout"], project)
     assert (project / "reports/ablations.md").read_text() == report
+
+    # After a commit (an adopted run, say) DVC lists the new HEAD's experiments only: the report
+    # names the commit the study's runs belong to.
+    ran_at = run(["git", "rev-parse", "--short=7", "HEAD"], project).stdout.strip()
+    run(["git", "commit", "-q", "--allow-empty", "-m", "adopt"], project)
+    head = run(["git", "rev-parse", "--short=7", "HEAD"], project).stdout.strip()
+    assert report_fails(project) == (
+        f"error: no finished run of the study at HEAD ({head}): 4 of its runs belong to commit {ran_at};"
+        f" `git checkout {ran_at}` and `make report` there, or `make ablations` here"
+    )
 
 
 def local(project, *args, code=0):
