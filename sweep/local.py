@@ -50,7 +50,7 @@ def parse_args(argv):
 def plan(todo, extra, base, force):
     """(the (name, overrides) of `todo` to run, {name: commit of its kept copy}), after printing what
     happens to each and why. A kept copy is the previous run of one replaced now, or one left by a
-    study that was killed while replacing it."""
+    study that was killed while replacing it; settle_replaced() decides what becomes of each."""
     existing = study.experiments()
     planned, kept = [], {}
     for name, own in todo:
@@ -60,26 +60,23 @@ def plan(todo, extra, base, force):
             print(f"warning: {name}: extra {study.describe(clash)} overrides the variant's own setting")
         wanted = {**base, **overrides}
         old, backup = existing.get(name), f"{name}{REPLACED_SUFFIX}"
-        left = existing.get(backup)  # by a study that was killed
+        if backup in existing:  # left by a study that was killed
+            kept[name] = existing[backup]["rev"]
         if old and old["state"] == "success":
-            if left:  # the name holds a finished run: that copy is older
-                study.sh("dvc", "exp", "remove", backup, check=False)
             diff = {k: (old["params"].get(k), v) for k, v in wanted.items() if old["params"].get(k) != v}
             if not diff and not force:
                 print(f"skip {name}: it exists with the same params ({old['rev'][:7]}; --force re-runs it)")
                 continue
             why = "--force" if not diff else ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+            study.sh("dvc", "exp", "remove", backup, check=False)  # the killed study's copy is older
             study.sh("dvc", "exp", "rename", name, backup)
             kept[name] = old["rev"]
             print(f"replace {name}: {old['rev'][:7]} kept as {backup} until the new run succeeds ({why})")
+        elif old:
+            print(f"run {name}: its previous run is {old['state']}; it is cleared first")
+            study.sh("dvc", "exp", "remove", name, check=False)
         else:
-            if old:
-                print(f"run {name}: its previous run is {old['state']}; it is cleared first")
-                study.sh("dvc", "exp", "remove", name, check=False)
-            else:
-                print(f"run {name}: {study.describe(overrides)}")
-            if left:
-                kept[name] = left["rev"]
+            print(f"run {name}: {study.describe(overrides)}")
         planned.append((name, overrides))
     return planned, kept
 
@@ -226,12 +223,12 @@ def run_all(todo, jobs, timeout, done, problems, more=None):
         raise
 
 
-def settle_replaced(kept, done):
-    """Drop the kept copy {name: its commit} of each experiment whose new run succeeded; restore the
-    others."""
+def settle_replaced(kept, finished):
+    """Drop each kept copy {name: its commit} whose name holds a finished run (the copy is older);
+    restore the others under their name."""
     for name, rev in kept.items():
         backup = f"{name}{REPLACED_SUFFIX}"
-        if name in done:
+        if name in finished:
             study.sh("dvc", "exp", "remove", backup)
         else:
             study.sh("dvc", "exp", "remove", name, check=False)  # a failed run: free the name
@@ -240,10 +237,11 @@ def settle_replaced(kept, done):
 
 
 def kept_copies(names):
-    """{name: commit} of the kept copies of `names` that DVC lists: after a Ctrl-C, which can land
-    anywhere in plan()."""
+    """({name: commit} of the kept copies of `names`, the names that hold a finished run) as DVC
+    lists them: after a Ctrl-C, which can land anywhere in plan()."""
     listed = study.experiments()
-    return {n: listed[n + REPLACED_SUFFIX]["rev"] for n in names if n + REPLACED_SUFFIX in listed}
+    kept = {n: listed[n + REPLACED_SUFFIX]["rev"] for n in names if n + REPLACED_SUFFIX in listed}
+    return kept, {n for n in names if listed.get(n, {}).get("state") == "success"}
 
 
 def main(argv=None):
@@ -262,14 +260,14 @@ def main(argv=None):
             todo, kept = plan(wanted, extra, base, args.force)
             run_all(todo, args.jobs, args.timeout, done, problems)
         except KeyboardInterrupt:
-            settle_replaced(kept_copies(names), done)
+            settle_replaced(*kept_copies(names))
             stopped = [name for name, problem in problems.items() if problem == "stopped"]
             what = f"stopped {', '.join(stopped)}" if stopped else "no run was in flight"
             print(f"\ninterrupted: {what}; {len(done)} finished and kept; run the study again for the rest")
             return 130
-        settle_replaced(kept, done)
-    ran, skipped = len(done), len(wanted) - len(todo)
-    print(f"\nstudy: {ran} run, {skipped} skipped, {len(problems)} failed")
+        skipped = set(names) - {name for name, _ in todo}  # they hold a finished run already
+        settle_replaced(kept, skipped | set(done))
+    print(f"\nstudy: {len(done)} run, {len(skipped)} skipped, {len(problems)} failed")
     for name, problem in problems.items():
         print(f"  {name}: {problem}")
     return study.RUNS_FAILED if problems else 0
